@@ -1,0 +1,56 @@
+"""Loss curves from ``metrics.jsonl`` (matplotlib; works without a display)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (a file, or the adapter folder holding one).
+
+    Each record has ``iteration``, ``split`` (``"train"`` or ``"valid"``), ``loss`` (mean
+    cross-entropy per target token, nats) and ``world_size``; train records also have
+    ``tokens_per_second``, ``seconds`` and ``peak_memory_gb``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
+                     title: str = "Loss", ax=None):
+    """Train (solid) and validation (dashed, dots) loss against iteration, one colour per run.
+
+    ``runs`` maps a label to its metric records (see :func:`read_metrics`). Saves a PNG to
+    ``out`` when given. Returns the matplotlib ``Figure``.
+    """
+    import matplotlib
+
+    if ax is None and out is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig = ax.figure if ax is not None else plt.figure(figsize=(7, 4))
+    ax = ax or fig.add_subplot(1, 1, 1)
+    for i, (label, records) in enumerate(runs.items()):
+        color = f"C{i}"
+        train = [(r["iteration"], r["loss"]) for r in records if r["split"] == "train"]
+        valid = [(r["iteration"], r["loss"]) for r in records if r["split"] == "valid"]
+        if train:
+            ax.plot(*zip(*train), color=color, label=f"{label}: train")
+        if valid:
+            ax.plot(*zip(*valid), color=color, linestyle="--", marker="o",
+                    label=f"{label}: validation")
+    ax.set_xlabel("iteration (optimizer step)")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+    return fig

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Set up everything the course needs, idempotently, and say what is done.
+#
+#   1. system packages: OpenMPI (mpirun) and, on Linux, OpenBLAS
+#      (Debian/Ubuntu: apt-get; macOS: Homebrew's open-mpi)
+#   2. a virtual environment in .venv (override with COURSE_VENV=/path)
+#   3. course_lib installed editable with its test and notebook extras
+#   4. a Jupyter kernel "course-mlx" for this environment
+#
+# Re-running it skips what is already in place. Set COURSE_SKIP_SYSTEM=1 to skip step 1
+# (for machines where you cannot install system packages; mpirun tests then skip).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${COURSE_VENV:-$repo/.venv}"
+python="${PYTHON:-python3}"
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else die "need root to run: $* (install sudo or run as root)"; fi
+}
+
+system_packages() {
+    if [ "${COURSE_SKIP_SYSTEM:-0}" = 1 ]; then
+        say "system packages: skipped (COURSE_SKIP_SYSTEM=1)"; return
+    fi
+    case "$(uname -s)" in
+    Linux)
+        command -v apt-get >/dev/null 2>&1 ||
+            die "no apt-get: install OpenMPI (mpirun) and OpenBLAS with your package manager, then rerun with COURSE_SKIP_SYSTEM=1"
+        local wanted=(openmpi-bin libopenmpi-dev libopenblas0-pthread openssh-client)
+        # Debian's python3 lacks venv until python3-venv is installed.
+        "$python" -c 'import venv, ensurepip' >/dev/null 2>&1 || wanted+=(python3-venv)
+        local missing=()
+        for pkg in "${wanted[@]}"; do
+            dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+        done
+        if [ ${#missing[@]} -eq 0 ]; then
+            say "system packages: already installed (${wanted[*]})"
+        else
+            say "system packages: installing ${missing[*]} with apt-get"
+            as_root apt-get update -qq
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        fi
+        ;;
+    Darwin)
+        if command -v mpirun >/dev/null 2>&1; then
+            say "system packages: mpirun already present ($(command -v mpirun))"
+        elif command -v brew >/dev/null 2>&1; then
+            say "system packages: installing open-mpi with Homebrew"
+            brew install open-mpi
+        else
+            die "Homebrew not found: install it from brew.sh, or install OpenMPI yourself and rerun with COURSE_SKIP_SYSTEM=1"
+        fi
+        ;;
+    *) die "unsupported system $(uname -s): the course supports Linux and macOS" ;;
+    esac
+}
+
+python_env() {
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+        die "$python is $("$python" --version 2>&1); the course needs Python >= 3.10 (set PYTHON=/path/to/python3.x)"
+    if [ ! -x "$venv/bin/python" ]; then
+        say "virtual environment: creating $venv"
+        "$python" -m venv "$venv"
+    else
+        say "virtual environment: $venv exists"
+    fi
+    # Reinstall only when the package metadata changed since the last install.
+    local stamp="$venv/.course_lib-installed" want
+    want="$(cat "$repo/pyproject.toml" | cksum)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
+        "$venv/bin/python" -c 'import course_lib, mlx.core, mlx_lm' >/dev/null 2>&1; then
+        say "course_lib: already installed in $venv"
+    else
+        say "course_lib: installing (editable, extras test+notebooks) into $venv"
+        "$venv/bin/python" -m pip install -q --upgrade pip
+        "$venv/bin/python" -m pip install -q -e "$repo[test,notebooks]"
+        echo "$want" >"$stamp"
+    fi
+    if [ ! -d "$venv/share/jupyter/kernels/course-mlx" ]; then
+        say "jupyter kernel: registering course-mlx"
+        "$venv/bin/python" -m course_lib.blas --install-kernel "$venv" >/dev/null
+    else
+        say "jupyter kernel: course-mlx registered"
+    fi
+}
+
+system_packages
+python_env
+"$venv/bin/python" -m course_lib.blas --report
+say "done: activate with 'source ${venv#$repo/}/bin/activate' (from $repo)"

@@ -1,0 +1,59 @@
+"""Shared fixtures: the default model, and commands that start real ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def run(cmd, timeout=900, check=True, env=None, **kw):
+    """Run a command, capture text output; on failure show what it printed."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                          timeout=timeout, cwd=kw.pop("cwd", REPO), env=env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}"
+                             f"\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def mpirun(n: int, *cmd) -> list:
+    """``mpirun -np n cmd`` with the flags this machine needs (scripts/mpirun.sh)."""
+    if shutil.which("mpirun") is None:
+        pytest.skip("OpenMPI's mpirun is not installed (scripts/setup.sh installs it)")
+    return ["bash", REPO / "scripts" / "mpirun.sh", "-np", str(n), *cmd]
+
+
+def mlx_launch(n: int, *cmd) -> list:
+    """``mlx.launch -n n cmd`` (ring backend on localhost)."""
+    return [Path(PY).parent / "mlx.launch", "-n", str(n), *cmd]
+
+
+def fine_tune_cmd(*args) -> list:
+    return [PY, "-m", "course_lib.fine_tune", "--no-progress", *args]
+
+
+def read_train_losses(folder: Path) -> dict[int, float]:
+    """iteration -> train loss from a run's metrics.jsonl."""
+    with open(Path(folder) / "metrics.jsonl") as f:
+        return {r["iteration"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The default model, built once (cached across runs, see course_lib.tiny_model)."""
+    proc = run([PY, "-m", "course_lib.tiny_model"], timeout=1800)
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return REPO / "data-sets" / "pirate"

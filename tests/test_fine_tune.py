@@ -1,0 +1,158 @@
+"""The fine-tune: 1 rank == 2 ranks, end to end outputs, and bad input."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import PY, fine_tune_cmd, mlx_launch, mpirun, read_train_losses, run
+
+SHORT = ["--iters", "6", "--steps-per-report", "1", "--steps-per-eval", "100",
+         "--val-batches", "2", "--batch-size", "8", "--seed", "3"]
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and len(a) >= 5
+    return max(abs(a[k] - b[k]) / abs(a[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory, default_model):
+    out = tmp_path_factory.mktemp("solo")
+    run(fine_tune_cmd(*SHORT, "--adapter-path", out))
+    return out
+
+
+@pytest.mark.distributed
+def test_two_mpi_ranks_follow_the_one_rank_loss_curve(one_rank_run, tmp_path):
+    run(mpirun(2, *fine_tune_cmd(*SHORT, "--adapter-path", tmp_path)))
+    solo, duo = read_train_losses(one_rank_run), read_train_losses(tmp_path)
+    assert list(solo) == [1, 2, 3, 4, 5, 6]
+    assert _max_rel_diff(solo, duo) < 1e-4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["backend"], summary["world_size"], summary["per_rank_batch"]) == ("mpi", 2, 4)
+
+
+@pytest.mark.distributed
+def test_two_ring_ranks_via_mlx_launch_follow_it_too(one_rank_run, tmp_path):
+    run(mlx_launch(2, *fine_tune_cmd(*SHORT, "--adapter-path", tmp_path)))
+    assert _max_rel_diff(read_train_losses(one_rank_run), read_train_losses(tmp_path)) < 1e-4
+    assert json.loads((tmp_path / "summary.json").read_text())["backend"] == "ring"
+
+
+@pytest.mark.distributed
+def test_mean_of_rank_means_drifts_token_weighting_does_not(one_rank_run, tmp_path):
+    """The design's token-weighting lesson: mlx_lm's plain mean of per-rank means is not the
+    full-batch gradient when ranks hold different token counts; ours is."""
+    run(mpirun(2, *fine_tune_cmd(*SHORT, "--loss-weighting", "ranks",
+                                 "--adapter-path", tmp_path / "ranks")))
+    run(mpirun(2, *fine_tune_cmd(*SHORT, "--adapter-path", tmp_path / "tokens")))
+    solo = read_train_losses(one_rank_run)
+    drift_ranks = _max_rel_diff(solo, read_train_losses(tmp_path / "ranks"))
+    drift_tokens = _max_rel_diff(solo, read_train_losses(tmp_path / "tokens"))
+    assert drift_tokens < 1e-5 < drift_ranks
+    assert drift_ranks > 5 * drift_tokens
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_default_command_at_two_ranks_end_to_end(tmp_path, default_model):
+    out = tmp_path / "adapters"
+    proc = run(mpirun(2, *fine_tune_cmd("--adapter-path", out)))
+    assert "Done in" in proc.stdout
+    names = {p.name for p in out.iterdir()}
+    expected = {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png",
+                "summary.json", "0000100_adapters.safetensors", "0000200_adapters.safetensors"}
+    assert expected <= names, names
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations"] == 200
+    assert summary["final_valid_loss"] < summary["initial_valid_loss"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "valid"}
+    assert all(r["world_size"] == 2 for r in records)
+    train = [r for r in records if r["split"] == "train"]
+    assert all(r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0 for r in train)
+
+    # mlx_lm itself loads the adapters and generates with them.
+    code = (
+        "import sys; from mlx_lm import load, generate\n"
+        "m, t = load(sys.argv[1], adapter_path=sys.argv[2])\n"
+        "p = t.apply_chat_template([{'role': 'user', 'content': 'Why is the sky blue?'}],"
+        " add_generation_prompt=True)\n"
+        "print('GENERATED:' + generate(m, t, p, max_tokens=20))\n"
+    )
+    gen = run([PY, "-c", code, default_model, out])
+    text = gen.stdout.split("GENERATED:", 1)[1].strip()
+    assert len(text.split()) >= 3, text
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+@pytest.fixture
+def earlier_outputs(tmp_path, one_rank_run):
+    """An adapter folder holding a finished run's outputs, to prove they survive."""
+    out = tmp_path / "earlier"
+    shutil.copytree(one_rank_run, out)
+    return out
+
+
+def _bad_data(tmp_path, sample_data, line: str) -> Path:
+    folder = tmp_path / "bad-data"
+    folder.mkdir()
+    rows = (sample_data / "train.jsonl").read_text().splitlines()
+    rows.insert(4, line)  # becomes line 5
+    (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
+    shutil.copy(sample_data / "valid.jsonl", folder / "valid.jsonl")
+    return folder
+
+
+BAD_CASES = {
+    "batch-not-divisible": (2, ["--batch-size", "3"], "not divisible by the world size 2"),
+    "batch-smaller-than-world": (2, ["--batch-size", "1"], "smaller than the world size 2"),
+    "missing-data-folder": (1, ["--data", "no/such/folder"], "--data no/such/folder: no such folder"),
+    "zero-iters": (1, ["--iters", "0"], "--iters must be at least 1"),
+    "too-many-layers": (1, ["--num-layers", "99"], "the model has 4 layers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_options_fail_clearly_and_keep_earlier_outputs(case, earlier_outputs):
+    ranks, extra, message = BAD_CASES[case]
+    before = _snapshot(earlier_outputs)
+    cmd = fine_tune_cmd(*extra, "--adapter-path", earlier_outputs)
+    proc = run(mpirun(2, *cmd) if ranks == 2 else cmd, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(earlier_outputs) == before
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"messages": [{"role": "user", "content": "hi"}', "train.jsonl:5: not valid JSON"),
+    ('{"messages": []}', "train.jsonl:5: field 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]}',
+     "train.jsonl:5: messages[0]: field 'content' must be a string"),
+    ("", "train.jsonl:5: blank line"),
+])
+def test_bad_rows_in_training_data_name_file_and_line(line, message, tmp_path, sample_data,
+                                                      earlier_outputs):
+    data = _bad_data(tmp_path, sample_data, line)
+    before = _snapshot(earlier_outputs)
+    proc = run(fine_tune_cmd("--data", data, "--adapter-path", earlier_outputs), check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(earlier_outputs) == before
+
+
+def test_lora_alpha_sets_scale_and_is_written_for_mlx_lm(tmp_path, default_model):
+    run(fine_tune_cmd("--iters", "2", "--steps-per-eval", "100", "--val-batches", "1",
+                      "--lora-rank", "4", "--lora-alpha", "16", "--adapter-path", tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["lora_parameters"] == {"rank": 4, "scale": 4.0, "dropout": 0.0, "alpha": 16.0}
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == 4
