@@ -18,7 +18,8 @@ this applies.
 
 Command line: ``python -m course_lib.blas --report`` prints what a process would use;
 ``--path`` prints only the library path (empty when none applies);
-``--install-kernel VENV`` writes a Jupyter kernel spec that starts with it.
+``--install-kernel VENV`` writes a Jupyter kernel spec that starts with it; ``--matmul``
+starts like an entry point and times a 1024x1024 matmul.
 """
 
 from __future__ import annotations
@@ -88,10 +89,6 @@ def preload_path() -> str | None:
     return find_optimized_blas()
 
 
-def _already_preloaded(lib: str) -> bool:
-    return lib in os.environ.get("LD_PRELOAD", "").split(":") or os.environ.get(_ACTIVE_VAR) == lib
-
-
 def _local_rank_info() -> tuple[int, int]:
     """(rank, ranks on this host) from the launcher's environment; (0, 1) when alone."""
     env = os.environ
@@ -140,14 +137,20 @@ def reexec_with_fast_blas() -> None:
     """Re-execute this process with the optimized BLAS preloaded, if it applies.
 
     Call it first thing in an entry point, before anything imports ``mlx``. Returns
-    without doing anything when :func:`preload_path` is None, when it is already
-    preloaded, or when ``mlx.core`` is already imported (then it warns, since the
-    reference BLAS is loaded for good). Prints one notice line on rank 0's stderr.
-    Never returns when it re-executes (``os.execve`` keeps the PID, so ``mpirun`` and
-    ``mlx.launch`` still track the rank).
+    without doing anything when :func:`preload_path` is None, when the environment
+    already is what :func:`fast_blas_env` asks for (library preloaded, thread count set:
+    OpenBLAS reads it when it loads, so an inherited ``LD_PRELOAD`` without this rank's
+    thread share still re-executes once), or when ``mlx.core`` is already imported (then
+    it warns, since the BLAS it loaded stays). Prints one notice line on rank 0's stderr
+    unless the library was already preloaded. Never returns when it re-executes
+    (``os.execve`` keeps the PID, so ``mpirun`` and ``mlx.launch`` still track the rank).
     """
     lib = preload_path()
-    if lib is None or _already_preloaded(lib):
+    if lib is None:
+        return
+    env = fast_blas_env()
+    keys = ("LD_PRELOAD", "OPENBLAS_NUM_THREADS")
+    if all(env.get(k) == os.environ.get(k) for k in keys):
         return
     if "mlx.core" in sys.modules:
         print(
@@ -156,9 +159,8 @@ def reexec_with_fast_blas() -> None:
             file=sys.stderr,
         )
         return
-    env = fast_blas_env()
     rank, _ = _local_rank_info()
-    if rank == 0:
+    if rank == 0 and lib not in os.environ.get("LD_PRELOAD", "").split(":"):
         print(
             f"course_lib: using OpenBLAS ({lib}) instead of MLX's bundled reference BLAS "
             f"({env['OPENBLAS_NUM_THREADS']} thread(s) per rank); "
@@ -209,6 +211,37 @@ def report() -> str:
     return f"blas: course entry points preload {lib} (reference BLAS {ref} bypassed)"
 
 
+def loaded_blas_libraries() -> list[str]:
+    """Shared libraries with "blas" in their name mapped into this process (Linux only)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "blas" in line.lower()}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.startswith("/"))
+
+
+def time_matmul(n: int = 1024, repeats: int = 5) -> dict:
+    """Seconds per ``n x n`` float32 matmul in MLX (median of ``repeats``, after a warm-up)
+    and the BLAS libraries loaded: ``{"seconds", "gflops", "libraries", "openblas_threads"}``."""
+    import statistics
+    import time
+
+    import mlx.core as mx
+
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a @ b)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - tic)
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "gflops": 2 * n**3 / seconds / 1e9,
+            "libraries": loaded_blas_libraries(),
+            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -217,8 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--report", action="store_true", help="say which BLAS MLX would use")
     group.add_argument("--path", action="store_true", help="print the library to preload, if any")
     group.add_argument("--install-kernel", metavar="VENV", help="write the course-mlx Jupyter kernel")
+    group.add_argument("--matmul", action="store_true",
+                       help="start like the course's entry points, time a 1024x1024 matmul, "
+                       "print JSON")
     args = parser.parse_args(argv)
-    if args.report:
+    if args.matmul:
+        reexec_with_fast_blas()
+        print(json.dumps(time_matmul()))
+    elif args.report:
         print(report())
     elif args.path:
         print(preload_path() or "")

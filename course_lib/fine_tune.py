@@ -336,8 +336,10 @@ class Outputs:
         write_json_atomic(self.folder / SUMMARY_FILE, summary)
         from course_lib.plotting import plot_loss_curves
 
-        title = f"LoRA fine-tune, {summary['world_size']} rank(s)"
-        plot_loss_curves({title: history}, self.folder / PLOT_FILE, title=title)
+        n = summary["world_size"]
+        label = f"{n} rank{'s' if n > 1 else ''}"
+        plot_loss_curves({label: history}, self.folder / PLOT_FILE,
+                         title=f"Fine-tune, {label}, global batch {summary['global_batch']}")
 
 
 # ----------------------------------------------------------------------------- training
