@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # Regenerate the stored adapters with the default command: 1 rank, then 2 ranks (mpirun).
-# The logs go beside them (train.log). Takes a few minutes on a laptop CPU.
+# Each run's output goes beside its adapters as train.log. A few minutes on a laptop CPU.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 py="${COURSE_VENV:-$repo/.venv}/bin/python"
-for name in adapters-solo adapters-distributed; do
-    rm -rf "adapters/$name.new"
-done
-"$py" -m course_lib.fine_tune --no-progress --adapter-path adapters/adapters-solo.new \
-    | tee adapters/adapters-solo.new.log
-bash scripts/mpirun.sh -np 2 "$py" -m course_lib.fine_tune --no-progress \
-    --adapter-path adapters/adapters-distributed.new | tee adapters/adapters-distributed.new.log
-for name in adapters-solo adapters-distributed; do
-    mv "adapters/$name.new.log" "adapters/$name.new/train.log"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+
+run() {  # run NAME COMMAND...: fresh adapters/NAME from COMMAND, with its log
+    local name="$1"; shift
     rm -rf "adapters/$name"
-    mv "adapters/$name.new" "adapters/$name"
-done
+    "$@" --no-progress --adapter-path "adapters/$name" | tee "$log"
+    cp "$log" "adapters/$name/train.log"
+}
+run adapters-solo "$py" -m course_lib.fine_tune
+run adapters-distributed bash scripts/mpirun.sh -np 2 "$py" -m course_lib.fine_tune
 echo "wrote adapters/adapters-solo and adapters/adapters-distributed"
