@@ -14,3 +14,9 @@ before MLX is loaded.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# transformers (pulled in by mlx_lm for tokenizers) advises installing PyTorch on import;
+# MLX needs no PyTorch, so the advice is noise in every log and notebook cell.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -11,12 +11,26 @@ Backends (``mx.distributed.init``): ``mpi`` (started by ``mpirun``; OpenMPI over
 shared memory), ``ring`` (started by ``mlx.launch``; MLX's own TCP ring), and on other
 hardware ``nccl`` (CUDA) and ``jaccl`` (RDMA over Thunderbolt). ``auto`` picks from the
 launcher's environment variables.
+
+CLI (run it under ``mpirun -np N`` or ``mlx.launch -n N``)::
+
+    python -m course_lib.distributed hello        # each rank all_sums rank+1, prints a JSON line
+    python -m course_lib.distributed bandwidth    # all_sum time and bandwidth per payload size
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before MLX loads: see course_lib.blas
+    from course_lib.blas import reexec_with_fast_blas
+
+    reexec_with_fast_blas()
+
+import json
 import os
+import socket
+import statistics
 import sys
+import time
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -133,3 +147,70 @@ def all_sum(x, group: mx.distributed.Group | None = None):
 def barrier(group: mx.distributed.Group | None = None) -> None:
     """Wait until every rank gets here (a tiny all-reduce, evaluated)."""
     mx.eval(all_sum(mx.array(1.0), group))
+
+
+def hello(group: mx.distributed.Group | None = None) -> dict:
+    """Every rank contributes ``rank + 1``; returns what this rank sees after ``all_sum``:
+    ``{"rank", "size", "host", "sent", "received"}`` (received = size * (size + 1) / 2)."""
+    group = group or mx.distributed.init()
+    sent = float(group.rank() + 1)
+    received = all_sum(mx.array(sent), group).item()
+    return {"rank": group.rank(), "size": group.size(), "host": socket.gethostname(),
+            "sent": sent, "received": received}
+
+
+def measure_all_sum(n_bytes: int, repeats: int = 10, group: mx.distributed.Group | None = None
+                    ) -> dict:
+    """Median seconds of one ``all_sum`` of a float32 array of ``n_bytes`` bytes.
+
+    Returns ``{"bytes", "seconds", "algorithm_gbps", "bus_gbps"}``: algorithm bandwidth is
+    bytes / time; bus bandwidth multiplies it by 2(N-1)/N, the share of the data each rank
+    sends and receives in a ring all-reduce (the convention of NVIDIA's nccl-tests), so it
+    can be compared with the link's speed. GB/s are 1e9 bytes per second.
+    """
+    group = group or mx.distributed.init()
+    size = group.size()
+    x = mx.ones((max(1, n_bytes // 4),), dtype=mx.float32)
+    mx.eval(x)
+    barrier(group)
+    mx.eval(mx.distributed.all_sum(x, group=group))  # warm-up: connections, buffers
+    times = []
+    for _ in range(repeats):
+        barrier(group)
+        tic = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=group))
+        times.append(time.perf_counter() - tic)
+    seconds = statistics.median(times)
+    algorithm = x.nbytes / seconds / 1e9
+    return {"bytes": x.nbytes, "seconds": seconds, "algorithm_gbps": algorithm,
+            "bus_gbps": algorithm * 2 * (size - 1) / size if size > 1 else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m course_lib.distributed")
+    parser.add_argument("what", choices=["hello", "bandwidth"])
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,64MiB",
+                        help="payloads for bandwidth, comma separated (KiB, MiB)")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    group, backend = init_world(args.backend)
+    if args.what == "hello":
+        print(json.dumps({**hello(group), "backend": backend}), flush=True)
+        return 0
+    units = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+    for size in args.sizes.split(","):
+        number, unit = size[:-3], size[-3:]
+        if unit not in units or not number.isdigit():
+            parser.error(f"--sizes: {size!r} is not like 4KiB or 16MiB")
+        result = measure_all_sum(int(number) * units[unit], args.repeats, group)
+        if group.rank() == 0:
+            print(json.dumps({**result, "world_size": group.size(), "backend": backend}),
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--all-reduce", choices=["plain", "bucketed"], default="plain",
       help="plain: all_reduce_grads, one all_sum per array; bucketed: "
       "mlx.nn.average_gradients, arrays concatenated into ~32 MiB buckets")
+    a("--step-timing", action="store_true",
+      help="time each step's phases (data, forward+backward, all-reduce, optimizer) with an "
+      "evaluation between them; costs a little speed, feeds Amdahl's law in chapter 5")
     a("--no-progress", action="store_true", help="no progress bar, report lines only")
     return p
 
@@ -344,12 +347,43 @@ class Outputs:
 
 # ----------------------------------------------------------------------------- training
 
-def make_step(model, optimizer, args, group):
+class PhaseTimer:
+    """Seconds per phase of a step, summed over a report window.
+
+    ``lap(name, *arrays)`` evaluates ``arrays`` (forcing MLX's lazy graph up to that point)
+    and charges the time since the previous lap to ``name``. Disabled, it does nothing, so
+    the step stays one lazy graph evaluated once.
+    """
+
+    PHASES = ("data", "forward_backward", "all_reduce", "optimizer")
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.reset()
+
+    def reset(self):
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self._last = time.perf_counter()
+
+    def start(self):
+        self._last = time.perf_counter()
+
+    def lap(self, name: str, *arrays):
+        if not self.enabled:
+            return
+        mx.eval(*arrays)
+        now = time.perf_counter()
+        self.seconds[name] += now - self._last
+        self._last = now
+
+
+def make_step(model, optimizer, args, group, timer: PhaseTimer):
     """The training step: gradients on this rank's share, all-reduce, optimizer update.
 
     Returns ``step(micro_batches) -> (loss_sum, ntoks)`` where ``micro_batches`` is a list
     of ``(batch, lengths)`` (one per gradient-accumulation step) and the results are this
     rank's summed token losses and target-token count (lazy ``mx.array`` scalars).
+    ``timer`` splits the step's time into phases when enabled.
     """
     from mlx_lm.tuner.trainer import default_loss
 
@@ -368,6 +402,7 @@ def make_step(model, optimizer, args, group):
             grads = tree_map(lambda g: g * n, grads)
             grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
             loss_sum, ntoks = loss_sum + loss * n, ntoks + n
+        timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
         if args.loss_weighting == "tokens":
             # Each rank's token sum, times N over the global token count: the mean over
             # ranks of these is sum(all token gradients) / all tokens = the 1-rank gradient.
@@ -377,7 +412,9 @@ def make_step(model, optimizer, args, group):
             # mlx_lm's way: this rank's mean, then the mean of the means.
             grads = tree_map(lambda g: g / ntoks, grad_sum)
         grads = average(grads)  # the all-reduce: every rank now holds the same gradient
+        timer.lap("all_reduce", grads)
         optimizer.update(model, grads)
+        timer.lap("optimizer", model.parameters(), optimizer.state)
         return loss_sum, ntoks
 
     return step
@@ -406,7 +443,8 @@ def train(model, train_rows, valid_rows, args, group, outputs: Outputs, log):
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
     optimizer = optim.Adam(learning_rate=args.learning_rate)
-    step = make_step(model, optimizer, args, group)
+    timer = PhaseTimer(args.step_timing)
+    step = make_step(model, optimizer, args, group, timer)
     state = [model.state, optimizer.state]
     batches = iterate_batches(train_rows, args.batch_size, args.max_seq_length, loop=True,
                               seed=args.seed, comm_group=group)
@@ -418,22 +456,25 @@ def train(model, train_rows, valid_rows, args, group, outputs: Outputs, log):
         outputs.metric(rec)
         return rec
 
-    def validate(it):
+    def validate(it, bar=None):
         if not valid_rows:
             return
         tic = time.perf_counter()
         loss = validation_loss(model, valid_rows, args)
         record("valid", it, loss, seconds=time.perf_counter() - tic)
-        log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)")
+        log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)", bar)
 
     model.train()
     validate(0)
     bar = _progress_bar(args, group)
     window_loss, window_toks, window_time = mx.array(0.0), mx.array(0), 0.0
     train_seconds, train_tokens = 0.0, 0
+    phase_totals = dict.fromkeys(PhaseTimer.PHASES, 0.0)
     for it in range(1, args.iters + 1):
         tic = time.perf_counter()
+        timer.start()
         micro = [next(batches) for _ in range(args.grad_accumulation_steps)]
+        timer.lap("data", *[a for pair in micro for a in pair])
         loss_sum, ntoks = step(micro)
         window_loss, window_toks = window_loss + loss_sum, window_toks + ntoks
         mx.eval(state, window_loss, window_toks)
@@ -449,23 +490,32 @@ def train(model, train_rows, valid_rows, args, group, outputs: Outputs, log):
             peak = mx.array(mx.get_peak_memory() / 1e9)  # this rank's; report the largest
             if size > 1:
                 peak = mx.distributed.all_max(peak, group=group)
+            extra = {}
+            if timer.enabled:
+                extra["phase_seconds"] = dict(timer.seconds)
+                for k, v in timer.seconds.items():
+                    phase_totals[k] += v
+                timer.reset()
             rec = record("train", it, loss, tokens=toks, seconds=window_time,
                          tokens_per_second=toks / window_time,
                          learning_rate=float(optimizer.learning_rate.item()),
-                         peak_memory_gb=peak.item())
+                         peak_memory_gb=peak.item(), **extra)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_second']:.0f}")
             log(f"Iter {it}: train loss {loss:.3f}, {rec['tokens_per_second']:.0f} tokens/s, "
                 f"peak memory {rec['peak_memory_gb']:.3f} GB", bar)
             window_loss, window_toks, window_time = mx.array(0.0), mx.array(0), 0.0
 
         if it % args.steps_per_eval == 0 or it == args.iters:
-            validate(it)
+            validate(it, bar)
         if it % args.save_every == 0:
             saved = outputs.adapters(model, it)
             if saved:
                 log(f"Iter {it}: saved {saved}", bar)
     bar.close()
-    return history, {"train_seconds": train_seconds, "train_tokens": train_tokens}
+    stats = {"train_seconds": train_seconds, "train_tokens": train_tokens}
+    if timer.enabled:
+        stats["step_seconds"] = {k: v / args.iters for k, v in phase_totals.items()}
+    return history, stats
 
 
 class _NoBar:
@@ -503,11 +553,13 @@ def run(args) -> dict:
     check_options(args, size)
 
     def log(msg, bar=None):
-        """Print on rank 0; through the progress bar when there is one, so it stays whole."""
+        """Print on rank 0. While a progress bar is shown, through the bar on its stream
+        (stderr), so that lines and bar stay whole also when mpirun forwards stdout and
+        stderr separately; otherwise on stdout."""
         if rank != 0:
             return
         if hasattr(bar, "write"):
-            bar.write(msg, file=sys.stdout)
+            bar.write(msg, file=sys.stderr)
         else:
             print(msg, flush=True)
 
@@ -564,6 +616,8 @@ def run(args) -> dict:
         "mlx_version": mx.__version__,
         "blas": os.environ.get("COURSE_LIB_FAST_BLAS_ACTIVE", "bundled"),
     }
+    if "step_seconds" in stats:  # mean seconds per step in each phase (rank 0's clock)
+        summary["step_seconds"] = stats["step_seconds"]
     outputs.finish(summary, history)
     log(f"Done in {summary['seconds']:.1f} s ({summary['tokens_per_second']:.0f} tokens/s "
         f"training). Adapters, loss.png, metrics.jsonl and summary.json are in "

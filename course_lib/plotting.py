@@ -54,3 +54,24 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
         fig.savefig(out, dpi=100)
         plt.close(fig)
     return fig
+
+
+def plot_token_lengths(lengths: list[int], cutoff: int | None = None, ax=None,
+                       bins: int = 40):
+    """Histogram of token counts per row, with the ``cutoff`` (rows above it are dropped)
+    as a vertical line. Returns the matplotlib ``Figure``."""
+    import matplotlib.pyplot as plt
+
+    fig = ax.figure if ax is not None else plt.figure(figsize=(7, 3.5))
+    ax = ax or fig.add_subplot(1, 1, 1)
+    ax.hist(lengths, bins=bins, color="C0")
+    if cutoff is not None:
+        dropped = sum(1 for n in lengths if n > cutoff)
+        ax.axvline(cutoff, color="C3", linestyle="--",
+                   label=f"--max-tokens {cutoff}: {dropped} of {len(lengths)} rows dropped")
+        ax.legend()
+    ax.set_xlabel("tokens per row (chat template applied)")
+    ax.set_ylabel("rows")
+    ax.set_title("Token lengths")
+    fig.tight_layout()
+    return fig

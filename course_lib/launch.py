@@ -1,0 +1,146 @@
+"""Start ranks from Python (notebooks, tests, benchmarks) and follow a fine-tune live.
+
+``mpirun_command`` and ``mlx_launch_command`` build the command lines the course teaches;
+``run_fine_tune`` runs ``python -m course_lib.fine_tune`` on 1 or N ranks in a subprocess
+and shows its progress (an ipywidgets bar in a notebook, tqdm elsewhere) by reading the
+``metrics.jsonl`` the run appends to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def mpirun_command(n: int, *cmd, hostfile: str | None = None,
+                   interface: str | None = None) -> list[str]:
+    """``mpirun -np n [flags] cmd...`` as a list of strings.
+
+    Adds ``--allow-run-as-root`` when running as root (OpenMPI refuses root otherwise),
+    ``--oversubscribe`` when ``n`` exceeds this machine's cores and no hostfile is given,
+    ``--hostfile`` when given, and for ``interface`` (e.g. ``"bridge0"`` or
+    ``"192.168.2.0/24"``) both ``btl_tcp_if_include`` (data) and ``oob_tcp_if_include``
+    (start-up wiring). Raises ``FileNotFoundError`` when ``mpirun`` is not on ``PATH``.
+    """
+    if shutil.which("mpirun") is None:
+        raise FileNotFoundError("mpirun not found: install OpenMPI (bash scripts/setup.sh)")
+    args = ["mpirun", "-np", str(n)]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.append("--allow-run-as-root")
+    if hostfile:
+        args += ["--hostfile", str(hostfile)]
+    elif n > (os.cpu_count() or 1):
+        args.append("--oversubscribe")
+    if interface:
+        args += ["--mca", "btl_tcp_if_include", interface, "--mca", "oob_tcp_if_include", interface]
+    return args + [str(c) for c in cmd]
+
+
+def mlx_launch_command(n: int, *cmd, hostfile: str | None = None) -> list[str]:
+    """``mlx.launch -n n cmd...`` (ring backend on this host), or ``--hostfile`` (JSON)."""
+    launcher = str(Path(sys.executable).parent / "mlx.launch")
+    where = ["--hostfile", str(hostfile)] if hostfile else ["-n", str(n)]
+    return [launcher, *where, *[str(c) for c in cmd]]
+
+
+def python_module(module: str, *args) -> list[str]:
+    """``[this python, "-m", module, args...]``."""
+    return [sys.executable, "-m", module, *[str(a) for a in args]]
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip().endswith("}")]
+
+
+class _Progress:
+    """An ipywidgets bar and status line in Jupyter; a tqdm bar anywhere else."""
+
+    def __init__(self, total: int, label: str):
+        self.total = total
+        try:
+            get_ipython()  # noqa: F821  (defined inside IPython only)
+            import ipywidgets as widgets
+            from IPython.display import display
+
+            self.bar = widgets.IntProgress(min=0, max=total, description=label)
+            self.text = widgets.HTML()
+            display(widgets.HBox([self.bar, self.text]))
+            self.tqdm = None
+        except (NameError, ImportError):
+            from tqdm import tqdm
+
+            self.bar = self.text = None
+            self.tqdm = tqdm(total=total, desc=label, unit="step", file=sys.stderr)
+
+    def update(self, iteration: int, status: str):
+        if self.tqdm is not None:
+            self.tqdm.update(iteration - self.tqdm.n)
+            self.tqdm.set_postfix_str(status)
+        else:
+            self.bar.value = iteration
+            self.text.value = f"&nbsp;{iteration}/{self.total} {status}"
+
+    def close(self):
+        if self.tqdm is not None:
+            self.tqdm.close()
+
+
+def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpirun",
+                  args: tuple | list = (), progress: bool = True, poll_seconds: float = 0.5,
+                  timeout: float | None = None) -> dict:
+    """Run the fine-tune CLI on ``ranks`` ranks and return its ``summary.json``.
+
+    ``launcher`` is ``"mpirun"`` or ``"mlx.launch"`` (ignored for one rank: plain python).
+    ``args`` are extra ``course_lib.fine_tune`` options. While it runs, the progress bar
+    follows ``metrics.jsonl`` (iteration, loss, tokens/s). Raises ``RuntimeError`` with the
+    end of the run's output when it exits non-zero, or ``TimeoutError`` after ``timeout``
+    seconds (the run is killed).
+    """
+    adapter_path = Path(adapter_path)
+    cmd = python_module("course_lib.fine_tune", "--no-progress", "--adapter-path",
+                        adapter_path, *args)
+    if ranks > 1:
+        if launcher == "mpirun":
+            cmd = mpirun_command(ranks, *cmd)
+        elif launcher == "mlx.launch":
+            cmd = mlx_launch_command(ranks, *cmd)
+        else:
+            raise ValueError(f"launcher must be 'mpirun' or 'mlx.launch', got {launcher!r}")
+    iters = int(args[list(args).index("--iters") + 1]) if "--iters" in args else 200
+    metrics = adapter_path / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()  # so the bar does not show the previous run's records
+    bar = _Progress(iters, f"{ranks} rank{'s' if ranks > 1 else ''}") if progress else None
+    started = time.monotonic()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        output: list[str] = []
+        os.set_blocking(proc.stdout.fileno(), False)
+        while proc.poll() is None:
+            output.extend(proc.stdout.readlines())
+            if bar:
+                train = [r for r in _read_metrics(metrics) if r["split"] == "train"]
+                if train:
+                    last = train[-1]
+                    bar.update(last["iteration"], f"train loss {last['loss']:.3f}, "
+                               f"{last['tokens_per_second']:.0f} tokens/s")
+            if timeout is not None and time.monotonic() - started > timeout:
+                proc.kill()
+                raise TimeoutError(f"{' '.join(cmd)} still running after {timeout} s")
+            time.sleep(poll_seconds)
+        output.extend(proc.stdout.readlines())
+    if bar:
+        bar.update(iters, "done")
+        bar.close()
+    if proc.returncode != 0:
+        tail = "".join(output[-20:])
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return json.loads((adapter_path / "summary.json").read_text())

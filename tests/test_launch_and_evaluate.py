@@ -1,0 +1,58 @@
+"""Launch helpers, the distributed CLI, and the style score."""
+
+import json
+import os
+
+import pytest
+from conftest import PY, mpirun, run
+
+from course_lib import evaluate, launch
+
+
+def test_mpirun_command_flags(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cmd = launch.mpirun_command(4, "python", "x.py", interface="bridge0")
+    assert cmd[:5] == ["mpirun", "-np", "4", "--allow-run-as-root", "--oversubscribe"]
+    assert cmd[5:] == ["--mca", "btl_tcp_if_include", "bridge0", "--mca", "oob_tcp_if_include",
+                       "bridge0", "python", "x.py"]
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert launch.mpirun_command(2, "x", hostfile="hostfile") == [
+        "mpirun", "-np", "2", "--hostfile", "hostfile", "x"]
+
+
+@pytest.mark.distributed
+def test_hello_all_sum_on_two_ranks():
+    proc = run(mpirun(2, PY, "-m", "course_lib.distributed", "hello"), timeout=120)
+    rows = sorted((json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")),
+                  key=lambda r: r["rank"])
+    assert [(r["rank"], r["sent"], r["received"]) for r in rows] == [(0, 1.0, 3.0), (1, 2.0, 3.0)]
+
+
+@pytest.mark.distributed
+def test_bandwidth_table_on_two_ranks():
+    proc = run(mpirun(2, PY, "-m", "course_lib.distributed", "bandwidth", "--sizes",
+                      "4KiB,1MiB", "--repeats", "3"), timeout=120)
+    rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert [r["bytes"] for r in rows] == [4096, 1048576]  # rank 0 only prints
+    assert all(r["seconds"] > 0 and r["bus_gbps"] > 0 for r in rows)
+    bad = run(mpirun(2, PY, "-m", "course_lib.distributed", "bandwidth", "--sizes", "4kb"),
+              check=False, timeout=120)
+    assert bad.returncode != 0 and "is not like 4KiB" in bad.stderr
+
+
+def test_run_fine_tune_returns_summary_and_raises_on_failure(tmp_path, default_model):
+    summary = launch.run_fine_tune(tmp_path / "ok", ranks=1, progress=False,
+                                   args=["--iters", "3", "--steps-per-eval", "100",
+                                         "--val-batches", "1", "--step-timing"])
+    assert summary["iterations"] == 3 and summary["world_size"] == 1
+    assert set(summary["step_seconds"]) == {"data", "forward_backward", "all_reduce", "optimizer"}
+    with pytest.raises(RuntimeError, match="--iters must be at least 1"):
+        launch.run_fine_tune(tmp_path / "bad", progress=False, args=["--iters", "0"])
+
+
+def test_pirate_word_share():
+    assert evaluate.pirate_word_share("The capital of France is Paris.") == 0.0
+    assert evaluate.pirate_word_share("") == 0.0
+    # arr, ye, matey, sailin' are pirate; be, the, sea are plain English too.
+    assert evaluate.pirate_word_share("Arr, ye be sailin' the sea, matey!") == pytest.approx(4 / 7)
