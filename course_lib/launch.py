@@ -42,10 +42,26 @@ def mpirun_command(n: int, *cmd, hostfile: str | None = None,
 
 
 def mlx_launch_command(n: int, *cmd, hostfile: str | None = None) -> list[str]:
-    """``mlx.launch -n n cmd...`` (ring backend on this host), or ``--hostfile`` (JSON)."""
+    """``mlx.launch -n n -- cmd...`` (ring backend on this host), or ``--hostfile`` (JSON).
+
+    The ``--`` keeps ``mlx.launch`` from taking options of the program (``--backend``,
+    ``--env``, ``--cwd``...) as its own.
+    """
     launcher = str(Path(sys.executable).parent / "mlx.launch")
     where = ["--hostfile", str(hostfile)] if hostfile else ["-n", str(n)]
-    return [launcher, *where, *[str(c) for c in cmd]]
+    return [launcher, *where, "--", *[str(c) for c in cmd]]
+
+
+def child_env(**extra: str) -> dict:
+    """The environment to start ranks with: ``os.environ`` as Python sees it, plus ``extra``.
+
+    Pass it explicitly (``subprocess.run(cmd, env=child_env())``). Once a process calls
+    ``mx.distributed.init()`` without a launcher (directly, or through ``mlx_lm``), MLX
+    starts an MPI "singleton" that sets ~24 ``OMPI_*``/``PMIX_*`` variables at the C level;
+    children inherit them by default, and an ``mpirun`` started that way exits 1 with no
+    message. ``os.environ`` was copied at start-up and does not hold them.
+    """
+    return {**os.environ, **extra}
 
 
 def python_module(module: str, *args) -> list[str]:
@@ -121,7 +137,8 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
         metrics.unlink()  # so the bar does not show the previous run's records
     bar = _Progress(iters, f"{ranks} rank{'s' if ranks > 1 else ''}") if progress else None
     started = time.monotonic()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=child_env()) as proc:
         output: list[str] = []
         os.set_blocking(proc.stdout.fileno(), False)
         while proc.poll() is None:

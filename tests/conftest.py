@@ -16,9 +16,15 @@ PY = sys.executable
 
 
 def run(cmd, timeout=900, check=True, env=None, **kw):
-    """Run a command, capture text output; on failure show what it printed."""
+    """Run a command, capture text output; on failure show what it printed.
+
+    The environment defaults to ``launch.child_env()``: free of the MPI variables an
+    in-process ``mx.distributed.init()`` would leak into children."""
+    from course_lib.launch import child_env
+
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                          timeout=timeout, cwd=kw.pop("cwd", REPO), env=env, **kw)
+                          timeout=timeout, cwd=kw.pop("cwd", REPO),
+                          env=child_env() if env is None else env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}"
                              f"\nstderr:\n{proc.stderr[-3000:]}")
@@ -33,8 +39,23 @@ def mpirun(n: int, *cmd) -> list:
 
 
 def mlx_launch(n: int, *cmd) -> list:
-    """``mlx.launch -n n cmd`` (ring backend on localhost)."""
-    return [Path(PY).parent / "mlx.launch", "-n", str(n), *cmd]
+    """``mlx.launch -n n -- cmd`` (ring backend on localhost)."""
+    from course_lib.launch import mlx_launch_command
+
+    return mlx_launch_command(n, *cmd)
+
+
+def json_objects(text: str) -> list[dict]:
+    """Every JSON object in ``text``, however the ranks' lines were interleaved."""
+    decoder, found, i = json.JSONDecoder(), [], text.find("{")
+    while i != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+            found.append(obj)
+            i = text.find("{", end)
+        except json.JSONDecodeError:
+            i = text.find("{", i + 1)
+    return found
 
 
 def fine_tune_cmd(*args) -> list:

@@ -108,6 +108,9 @@ def test_cli_writes_splits_and_reports(tmp_path):
     train = (tmp_path / "train.jsonl").read_text().splitlines()
     assert len(train) == 320 and "messages" in json.loads(train[0])
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "train.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_shipped_splits_are_what_the_cli_makes(tmp_path, default_model):

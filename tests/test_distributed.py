@@ -1,16 +1,13 @@
 """all_reduce_grads across real ranks, and the backend choice."""
 
-import json
-
 import pytest
-from conftest import PY, REPO, mlx_launch, mpirun, run
+from conftest import PY, REPO, json_objects, mlx_launch, mpirun, run
 
 SCRIPT = REPO / "tests" / "scripts" / "grad_check.py"
 
 
 def _results(stdout: str) -> list[dict]:
-    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return sorted(rows, key=lambda r: r["rank"])
+    return sorted(json_objects(stdout), key=lambda r: r["rank"])
 
 
 @pytest.mark.distributed

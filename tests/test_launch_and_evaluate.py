@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import PY, mpirun, run
+from conftest import PY, json_objects, mpirun, run
 
 from course_lib import evaluate, launch
 
@@ -24,16 +24,47 @@ def test_mpirun_command_flags(monkeypatch):
 @pytest.mark.distributed
 def test_hello_all_sum_on_two_ranks():
     proc = run(mpirun(2, PY, "-m", "course_lib.distributed", "hello"), timeout=120)
-    rows = sorted((json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")),
-                  key=lambda r: r["rank"])
+    rows = sorted(json_objects(proc.stdout), key=lambda r: r["rank"])
     assert [(r["rank"], r["sent"], r["received"]) for r in rows] == [(0, 1.0, 3.0), (1, 2.0, 3.0)]
+
+
+@pytest.mark.distributed
+def test_rank_lines_never_run_together():
+    """print_line writes each rank's line in one piece: with print(), OpenMPI merged two
+    ranks' lines in a few runs per hundred."""
+    for _ in range(10):
+        out = run(mpirun(2, PY, "-m", "course_lib.distributed", "hello"), timeout=120).stdout
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert len(lines) == 2 and all(json.loads(line)["size"] == 2 for line in lines), out
+
+
+def test_mlx_launch_command_keeps_program_options_for_the_program():
+    cmd = launch.mlx_launch_command(2, "python", "-m", "course_lib.fine_tune", "--backend", "ring")
+    assert cmd[1:4] == ["-n", "2", "--"] and cmd[-2:] == ["--backend", "ring"]
+
+
+@pytest.mark.distributed
+def test_children_start_clean_after_an_in_process_world(tmp_path):
+    """After mx.distributed.init() in this process (an MPI singleton), mpirun started with
+    child_env() still works."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "import mlx.core as mx\n"
+        "from course_lib.launch import child_env, mpirun_command\n"
+        "mx.distributed.init()\n"
+        "cmd = mpirun_command(2, sys.executable, '-m', 'course_lib.distributed', 'hello')\n"
+        "p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)\n"
+        "print(p.returncode, p.stdout.count('received'))\n")
+    proc = run([PY, script], timeout=120)
+    assert proc.stdout.split()[-2:] == ["0", "2"]
 
 
 @pytest.mark.distributed
 def test_bandwidth_table_on_two_ranks():
     proc = run(mpirun(2, PY, "-m", "course_lib.distributed", "bandwidth", "--sizes",
                       "4KiB,1MiB", "--repeats", "3"), timeout=120)
-    rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    rows = json_objects(proc.stdout)
     assert [r["bytes"] for r in rows] == [4096, 1048576]  # rank 0 only prints
     assert all(r["seconds"] > 0 and r["bus_gbps"] > 0 for r in rows)
     bad = run(mpirun(2, PY, "-m", "course_lib.distributed", "bandwidth", "--sizes", "4kb"),

@@ -1,10 +1,8 @@
 """Chapter 1's model: hand gradients, and data-parallel training equal to full batch."""
 
-import json
-
 import mlx.core as mx
 import pytest
-from conftest import PY, REPO, mpirun, run
+from conftest import PY, REPO, json_objects, mpirun, run
 
 from course_lib import logistic_regression as lr
 
@@ -52,7 +50,7 @@ def test_unweighted_mean_of_uneven_shards_is_not_the_full_gradient():
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_real_ranks_equal_full_batch(ranks):
     proc = run(mpirun(ranks, PY, REPO / "tests" / "scripts" / "lr_ranks.py"), timeout=120)
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    results = json_objects(proc.stdout)
     assert len(results) == ranks
     X, y = lr.or_dataset()
     full, history = lr.train_full_batch(X, y, epochs=50)

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from course_lib.distributed import all_reduce_grads, init_world
+from course_lib.distributed import all_reduce_grads, init_world, print_line
 
 group, backend = init_world(sys.argv[1] if len(sys.argv) > 1 else "auto")
 rank, size = group.rank(), group.size()
@@ -40,6 +40,5 @@ rel = max(
 local_differs = max(
     mx.abs(local_flat[k] - full_flat[k]).max().item() for k in full_flat
 )
-print(json.dumps({"rank": rank, "size": size, "backend": backend, "max_rel_error": rel,
-                  "local_vs_full": local_differs,
-                  "identity": averaged is local}), flush=True)
+print_line(json.dumps({"rank": rank, "size": size, "backend": backend, "max_rel_error": rel,
+                       "local_vs_full": local_differs, "identity": averaged is local}))
