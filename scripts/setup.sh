@@ -77,9 +77,13 @@ python_env() {
         "$venv/bin/python" -c 'import course_lib, mlx.core, mlx_lm' >/dev/null 2>&1; then
         say "course_lib: already installed in $venv"
     else
-        say "course_lib: installing (editable, extras test+notebooks) into $venv"
-        "$venv/bin/python" -m pip install -q --upgrade pip
-        "$venv/bin/python" -m pip install -q -e "$repo[test,notebooks]"
+        local log="$venv/pip-install.log"
+        say "course_lib: installing (editable, extras test+notebooks) into $venv; log: $log"
+        if ! { "$venv/bin/python" -m pip install --upgrade pip &&
+            "$venv/bin/python" -m pip install -e "$repo[test,notebooks]"; } >"$log" 2>&1; then
+            tail -n 30 "$log" >&2
+            die "pip install failed (full log: $log)"
+        fi
         echo "$want" >"$stamp"
     fi
     if [ ! -d "$venv/share/jupyter/kernels/course-mlx" ]; then
