@@ -399,7 +399,7 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
         for batch, lengths in micro_batches:
             (loss, n), grads = loss_and_grad(model, batch, lengths)
             # Undo the per-micro-batch mean: sum over tokens, so micro-batches add up.
-            grads = tree_map(lambda g: g * n, grads)
+            grads = tree_map(lambda g, n=n: g * n, grads)
             grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
             loss_sum, ntoks = loss_sum + loss * n, ntoks + n
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)

@@ -1,7 +1,6 @@
 """The bundled default model: Hugging Face layout that mlx_lm accepts, deterministic build."""
 
 import json
-from pathlib import Path
 
 import pytest
 from conftest import PY, REPO, run
