@@ -37,6 +37,7 @@ if __name__ == "__main__":  # before MLX loads: see course_lib.blas
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -49,6 +50,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from course_lib import checkpoint
 from course_lib import distributed as dist
 from course_lib.data import DataError, read_records
 
@@ -95,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-every", type=int, default=100, help="steps between checkpoints")
     a("--adapter-path", default=DEFAULT_ADAPTER_PATH,
       help=f"output folder (default {DEFAULT_ADAPTER_PATH})")
-    a("--resume-adapter-file", help="start from these adapter weights (.safetensors)")
+    a("--resume-adapter-file", help="start from these adapter weights (.safetensors); a "
+      "checkpoint NNNNNNN_adapters.safetensors with its state file continues exactly")
+    a("--resume", action="store_true",
+      help="continue exactly from the newest complete checkpoint in --adapter-path")
+    a("--step-timeout", type=float, default=300.0,
+      help="exit when no step finishes for this many seconds (a hung peer rank); 0: never")
     a("--max-seq-length", type=int, default=512,
       help="longer rows are truncated (with a warning); filter them with "
       "`python -m course_lib.data --max-tokens` instead")
@@ -159,6 +166,10 @@ def check_options(args, world_size: int) -> None:
     if args.batch_size % world_size:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size "
                          f"{world_size}: the global batch is split evenly across ranks")
+    if args.resume and args.resume_adapter_file:
+        raise UsageError("give --resume or --resume-adapter-file, not both")
+    if args.step_timeout < 0:
+        raise UsageError(f"--step-timeout must be 0 (never) or positive, got {args.step_timeout}")
     if args.resume_adapter_file and not Path(args.resume_adapter_file).is_file():
         raise UsageError(f"--resume-adapter-file {args.resume_adapter_file}: no such file")
     resolve_lora_parameters(args)
@@ -285,20 +296,6 @@ def load_resume_weights(model, path: str) -> None:
 
 # ----------------------------------------------------------------------------- outputs
 
-def save_safetensors_atomic(path: Path, weights: dict) -> None:
-    """``mx.save_safetensors`` into a temporary file, then rename over ``path``."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 class Outputs:
     """Everything the run writes. On ranks other than 0 every method does nothing."""
 
@@ -306,37 +303,54 @@ class Outputs:
         self.folder, self.enabled = Path(folder), enabled
         self._metrics = None
 
-    def start(self, config: dict) -> None:
+    def start(self, config: dict, resume_from: int | None = None) -> list[dict]:
+        """Create the folder, write ``adapter_config.json`` and open ``metrics.jsonl``.
+
+        When resuming from iteration ``resume_from``, keep the metric records up to it (the
+        steps after it will run again) and return them; otherwise start the file afresh.
+        """
         if not self.enabled:
-            return
+            return []
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.folder / CONFIG_FILE, config)
-        self._metrics = open(self.folder / METRICS_FILE, "w")
+        checkpoint.write_json_atomic(self.folder / CONFIG_FILE, config)
+        kept: list[dict] = []
+        metrics = self.folder / METRICS_FILE
+        if resume_from is not None and metrics.exists():
+            from course_lib.plotting import read_metrics
+
+            kept = [r for r in read_metrics(metrics) if r["iteration"] <= resume_from]
+            tmp = metrics.with_name(f".{METRICS_FILE}.tmp{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, metrics)
+        self._metrics = open(metrics, "a" if resume_from is not None else "w")
+        return kept
 
     def metric(self, record: dict) -> None:
         if self._metrics:
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
 
-    def adapters(self, model, iteration: int | None = None) -> Path | None:
-        """Save the trainable weights as ``adapters.safetensors`` and, given an iteration,
-        also as checkpoint ``NNNNNNN_adapters.safetensors``; returns the checkpoint path."""
+    def adapters(self, model) -> None:
+        """Save the trainable weights as ``adapters.safetensors``."""
+        if self.enabled:
+            weights = dict(tree_flatten(model.trainable_parameters()))
+            checkpoint.save_safetensors_atomic(self.folder / ADAPTER_FILE, weights)
+
+    def checkpoint(self, iteration: int, model, optimizer, state: dict) -> Path | None:
+        """Write the checkpoint at ``iteration`` (see :mod:`course_lib.checkpoint`) and
+        update ``adapters.safetensors``; returns the checkpoint's adapter file."""
         if not self.enabled:
             return None
-        weights = dict(tree_flatten(model.trainable_parameters()))
-        save_safetensors_atomic(self.folder / ADAPTER_FILE, weights)
-        if iteration is None:
-            return None
-        checkpoint = self.folder / f"{iteration:07d}_{ADAPTER_FILE}"
-        save_safetensors_atomic(checkpoint, weights)
-        return checkpoint
+        saved = checkpoint.save(self.folder, iteration, model, optimizer, state)
+        self.adapters(model)
+        return saved
 
     def finish(self, summary: dict, history: list[dict]) -> None:
         if not self.enabled:
             return
         if self._metrics:
             self._metrics.close()
-        write_json_atomic(self.folder / SUMMARY_FILE, summary)
+        checkpoint.write_json_atomic(self.folder / SUMMARY_FILE, summary)
         from course_lib.plotting import plot_loss_curves
 
         n = summary["world_size"]
@@ -420,35 +434,147 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
     return step
 
 
+class GlobalBatches:
+    """The order of global batches: the same for every world size, and resumable.
+
+    As in ``mlx_lm``'s ``iterate_batches``: rows are sorted by token length and cut into
+    global batches of ``batch_size`` neighbours (little padding; the last partial batch is
+    dropped), and each epoch visits the batches in a random order. Here that order comes
+    from a seeded ``numpy.random.Generator`` of our own, whose state :meth:`state` returns
+    for a checkpoint, so a resumed run sees exactly the batches an uninterrupted one would.
+    Rank r of N takes rows r, r+N, r+2N... of each batch (:meth:`next`).
+    """
+
+    def __init__(self, rows: list, batch_size: int, seed: int):
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        self.batches = [order[i:i + batch_size]
+                        for i in range(0, len(order) - batch_size + 1, batch_size)]
+        self.rows = rows
+        self.rng = np.random.default_rng(seed)
+        self.epoch_order: list[int] = []
+        self.position = 0
+
+    def next(self, rank: int, size: int, max_seq_length: int):
+        """This rank's share of the next global batch, padded: ``(tokens, lengths)``."""
+        if self.position >= len(self.epoch_order):
+            self.epoch_order = self.rng.permutation(len(self.batches)).tolist()
+            self.position = 0
+        batch = self.batches[self.epoch_order[self.position]]
+        self.position += 1
+        return pad_batch([self.rows[i] for i in batch[rank::size]], max_seq_length)
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "epoch_order": self.epoch_order,
+                "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.epoch_order, self.position = state["epoch_order"], state["position"]
+
+
+def pad_batch(rows: list, max_seq_length: int):
+    """``(tokens (B, L) int32, lengths (B, 2) [prompt offset, length])`` for ``default_loss``.
+
+    Padded with zeros to one more than a multiple of 32 (``mlx_lm``'s rule: few distinct
+    shapes), at most ``max_seq_length``.
+    """
+    lengths = [min(len(tokens), max_seq_length) for tokens, _ in rows]
+    width = min(1 + 32 * math.ceil(max(lengths) / 32), max_seq_length)
+    arr = np.zeros((len(rows), width), np.int32)
+    for j, ((tokens, _), n) in enumerate(zip(rows, lengths)):
+        arr[j, :n] = tokens[:n]
+    return mx.array(arr), mx.array([[offset, n] for (_, offset), n in zip(rows, lengths)])
+
+
 def validation_loss(model, valid_rows, args) -> float:
     """Mean token loss over ``--val-batches`` global batches of the validation rows,
-    summed over all ranks (``mlx_lm``'s ``evaluate``). Leaves the model in train mode."""
+    summed over all ranks (``mlx_lm``'s ``evaluate``). The same batches every time (numpy's
+    global seed is set first), so evaluations are comparable. Leaves the model training."""
     from mlx_lm.tuner.trainer import evaluate
 
+    np.random.seed(args.seed)
     loss = evaluate(model, valid_rows, batch_size=args.batch_size,
                     num_batches=args.val_batches, max_seq_length=args.max_seq_length)
     model.train()
     return loss
 
 
-def train(model, train_rows, valid_rows, args, group, outputs: Outputs, log):
-    """The loop: ``args.iters`` optimizer steps with reports, validation and checkpoints.
+class PeerLost(RuntimeError):
+    """Another rank stopped answering in the middle of a collective operation."""
 
-    Returns ``(history, stats)``: the metric records written to ``metrics.jsonl`` and
-    totals (seconds of training, tokens, steps).
+
+def _peer_lost_message(group, backend: str, error: Exception | str) -> str:
+    rank, size = group.rank(), group.size()
+    if size == 2:
+        who = f"rank {1 - rank}"
+    else:
+        who = f"rank {(rank - 1) % size} or rank {(rank + 1) % size} (its neighbours in the ring)"
+    return (f"rank {rank}: lost {who} during an all-reduce ({backend} backend: {error}). "
+            "That rank died or its machine left the network.")
+
+
+class Watchdog:
+    """Exits this rank when a step takes far too long: a peer that hangs (a closed laptop, a
+    stopped process) blocks an all-reduce forever, and neither MPI nor the ring times out.
+
+    ``beat()`` after each step and evaluation; after ``timeout`` seconds without one it
+    prints a message and ends the process with exit status 3. ``timeout`` 0 disables it.
     """
-    from mlx_lm.tuner.trainer import grad_checkpoint, iterate_batches
 
-    size = group.size()
+    def __init__(self, timeout: float, rank: int):
+        self.timeout, self.rank, self.last = timeout, rank, time.monotonic()
+        if timeout > 0:
+            import threading
+
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def beat(self):
+        self.last = time.monotonic()
+
+    def _watch(self):
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            if time.monotonic() - self.last > self.timeout:
+                print(f"rank {self.rank}: no step finished for {self.timeout:.0f} s "
+                      "(--step-timeout); another rank is probably stopped or unreachable. "
+                      "Exiting; continue later with --resume.", file=sys.stderr, flush=True)
+                os._exit(3)
+
+
+def _maybe_fault(rank: int, iteration: int) -> None:
+    """Test hook: ``COURSE_LIB_FAULT=kill-rank-R@N`` SIGKILLs rank R when step N starts
+    (a crash); ``stop-rank-R@N`` SIGSTOPs it (a closed laptop: alive but silent)."""
+    import signal
+
+    fault = os.environ.get("COURSE_LIB_FAULT")
+    if fault == f"kill-rank-{rank}@{iteration}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == f"stop-rank-{rank}@{iteration}":
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Outputs, log,
+          settings: dict, start: int = 0, data_state: dict | None = None,
+          history: list[dict] | None = None):
+    """The loop: optimizer steps ``start + 1`` to ``args.iters``, with reports, validation
+    and checkpoints (which record ``settings`` and the data order).
+
+    Returns ``(history, stats)``: the metric records (earlier ones first, when resuming)
+    and totals (seconds of training, tokens).
+    """
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    size, rank = group.size(), group.rank()
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    optimizer = optim.Adam(learning_rate=args.learning_rate)
     timer = PhaseTimer(args.step_timing)
     step = make_step(model, optimizer, args, group, timer)
     state = [model.state, optimizer.state]
-    batches = iterate_batches(train_rows, args.batch_size, args.max_seq_length, loop=True,
-                              seed=args.seed, comm_group=group)
-    history: list[dict] = []
+    batches = GlobalBatches(train_rows, args.batch_size, args.seed)
+    if data_state:
+        batches.restore(data_state)
+    history = list(history or [])
+    watchdog = Watchdog(args.step_timeout, rank)
 
     def record(kind, it, loss, **extra):
         rec = {"iteration": it, "split": kind, "loss": loss, "world_size": size, **extra}
@@ -463,22 +589,30 @@ def train(model, train_rows, valid_rows, args, group, outputs: Outputs, log):
         loss = validation_loss(model, valid_rows, args)
         record("valid", it, loss, seconds=time.perf_counter() - tic)
         log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)", bar)
+        watchdog.beat()
 
     model.train()
-    validate(0)
-    bar = _progress_bar(args, group)
+    if start == 0:
+        validate(0)
+    bar = _progress_bar(args, group, start)
     window_loss, window_toks, window_time = mx.array(0.0), mx.array(0), 0.0
     train_seconds, train_tokens = 0.0, 0
     phase_totals = dict.fromkeys(PhaseTimer.PHASES, 0.0)
-    for it in range(1, args.iters + 1):
+    for it in range(start + 1, args.iters + 1):
+        _maybe_fault(rank, it)
         tic = time.perf_counter()
         timer.start()
-        micro = [next(batches) for _ in range(args.grad_accumulation_steps)]
+        # Dropout draws from MLX's generator: reseed per step so masks depend only on the
+        # seed and the step, and a resumed run draws the ones an uninterrupted run would.
+        mx.random.seed(args.seed * 1_000_003 + it)
+        micro = [batches.next(rank, size, args.max_seq_length)
+                 for _ in range(args.grad_accumulation_steps)]
         timer.lap("data", *[a for pair in micro for a in pair])
         loss_sum, ntoks = step(micro)
         window_loss, window_toks = window_loss + loss_sum, window_toks + ntoks
         mx.eval(state, window_loss, window_toks)
         window_time += time.perf_counter() - tic
+        watchdog.beat()
         bar.update(1)
 
         if it % args.steps_per_report == 0 or it == args.iters:
@@ -508,13 +642,14 @@ def train(model, train_rows, valid_rows, args, group, outputs: Outputs, log):
         if it % args.steps_per_eval == 0 or it == args.iters:
             validate(it, bar)
         if it % args.save_every == 0:
-            saved = outputs.adapters(model, it)
+            saved = outputs.checkpoint(it, model, optimizer,
+                                       {"data_order": batches.state(), "settings": settings})
             if saved:
-                log(f"Iter {it}: saved {saved}", bar)
+                log(f"Iter {it}: saved checkpoint {saved}", bar)
     bar.close()
     stats = {"train_seconds": train_seconds, "train_tokens": train_tokens}
     if timer.enabled:
-        stats["step_seconds"] = {k: v / args.iters for k, v in phase_totals.items()}
+        stats["step_seconds"] = {k: v / (args.iters - start) for k, v in phase_totals.items()}
     return history, stats
 
 
@@ -529,17 +664,70 @@ class _NoBar:
         pass
 
 
-def _progress_bar(args, group):
+def _progress_bar(args, group, start: int = 0):
     """A tqdm bar on rank 0's stderr (nothing on other ranks or with --no-progress)."""
     if group.rank() != 0 or args.no_progress:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=args.iters, desc="fine-tune", unit="step", file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5)
+    return tqdm(total=args.iters, initial=start, desc="fine-tune", unit="step",
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
 # ----------------------------------------------------------------------------- main
+
+def run_settings(args, model_id: str, num_layers: int, lora_parameters, data_dir: Path,
+                 world_size: int) -> dict:
+    """What decides a run's trajectory; a checkpoint continues only under equal settings.
+
+    The world size counts only where it changes the numbers: with ``--loss-weighting
+    ranks`` (the mean of per-rank means depends on the split) or LoRA dropout (masks are
+    drawn per rank). Otherwise N ranks compute the 1-rank update, so a checkpoint from 2
+    ranks may continue on 1 or 4.
+    """
+    settings = {
+        "model": model_id, "fine_tune_type": args.fine_tune_type, "num_layers": num_layers,
+        "lora_parameters": lora_parameters, "batch_size": args.batch_size, "seed": args.seed,
+        "grad_accumulation_steps": args.grad_accumulation_steps,
+        "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt,
+        "learning_rate": args.learning_rate, "loss_weighting": args.loss_weighting,
+        "train_data": checkpoint.fingerprint(data_dir / "train.jsonl"),
+    }
+    if args.loss_weighting == "ranks" or (lora_parameters or {}).get("dropout", 0) > 0:
+        settings["world_size"] = world_size
+    return settings
+
+
+def resume_point(args, group) -> tuple[Path, int] | None:
+    """``(folder, iteration)`` of the checkpoint to continue, or None for a fresh start.
+
+    ``--resume``: the newest complete checkpoint in ``--adapter-path``.
+    ``--resume-adapter-file 000000N_adapters.safetensors`` with its state file beside it:
+    that checkpoint. Decided on rank 0 (which holds the files) and sent to every rank, so
+    all ranks agree, also on the error: :class:`UsageError` when ``--resume`` finds none.
+    """
+    decision = None
+    if group.rank() == 0:
+        if args.resume:
+            folder = Path(args.adapter_path)
+            it = checkpoint.latest(folder)
+            decision = ({"folder": str(folder), "iteration": it} if it is not None else
+                        {"error": f"--resume: no complete checkpoint in {folder} (a checkpoint "
+                                  "is NNNNNNN_adapters.safetensors, NNNNNNN_optimizer."
+                                  "safetensors and NNNNNNN_state.json)"})
+        elif args.resume_adapter_file:
+            it = checkpoint.iteration_of(args.resume_adapter_file)
+            if it is not None:
+                decision = {"folder": str(Path(args.resume_adapter_file).parent),
+                            "iteration": it}
+    decision = checkpoint.broadcast_json(decision, group)
+    if decision is None:
+        return None
+    if "error" in decision:
+        raise UsageError(decision["error"])
+    return Path(decision["folder"]), decision["iteration"]
+
+
 
 def run(args) -> dict:
     """Fine-tune as ``args`` say (see :func:`build_parser`); return the summary.
@@ -569,8 +757,29 @@ def run(args) -> dict:
     model, tokenizer, model_id = load_model(args.model)
     train_rows, valid_rows = load_data(data_dir, tokenizer, args)
     num_layers, lora_parameters = add_adapters(model, args)
-    if args.resume_adapter_file:
+    settings = run_settings(args, model_id, num_layers, lora_parameters, data_dir, size)
+    optimizer = optim.Adam(learning_rate=args.learning_rate)
+    optimizer.init(model.trainable_parameters())
+
+    start, data_state = 0, None
+    resume = resume_point(args, group)
+    if resume is not None:
+        folder, start = resume
+        saved = checkpoint.read_state(folder, start, group)
+        problems = checkpoint.mismatches(saved["settings"], settings)
+        if problems:
+            raise UsageError(f"cannot continue the checkpoint at iteration {start} in {folder} "
+                             "exactly; these settings differ: " + "; ".join(problems))
+        if args.iters <= start:
+            raise UsageError(f"--iters {args.iters}: the checkpoint is already at iteration "
+                             f"{start}; ask for more iterations to continue")
+        checkpoint.restore(folder, start, model, optimizer, group)
+        data_state = saved["data_order"]
+        log(f"Resuming from the checkpoint at iteration {start} in {folder}")
+    elif args.resume_adapter_file:  # a plain adapter file: mlx_lm's meaning, weights only
         load_resume_weights(model, args.resume_adapter_file)
+        log(f"Starting from the weights in {args.resume_adapter_file} (no checkpoint state "
+            "beside it: optimizer and data order start afresh)")
 
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
@@ -581,14 +790,15 @@ def run(args) -> dict:
         f"({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M), {args.fine_tune_type}, "
         f"{num_layers} layers")
 
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config.update(model=model_id if args.model is None else args.model,
                   data=str(args.data) if args.data else "default sample (data-sets/pirate)",
                   num_layers=num_layers, lora_parameters=lora_parameters,
                   world_size=size, backend=backend)
     outputs = Outputs(Path(args.adapter_path), enabled=rank == 0)
-    outputs.start(config)
-    history, stats = train(model, train_rows, valid_rows, args, group, outputs, log)
+    kept = outputs.start(config, resume_from=start if resume is not None else None)
+    history, stats = train(model, optimizer, train_rows, valid_rows, args, group, outputs, log,
+                           settings, start=start, data_state=data_state, history=kept)
     outputs.adapters(model)
 
     train_losses = [h["loss"] for h in history if h["split"] == "train"]
@@ -615,6 +825,7 @@ def run(args) -> dict:
         "trainable_parameters": n_train,
         "mlx_version": mx.__version__,
         "blas": os.environ.get("COURSE_LIB_FAST_BLAS_ACTIVE", "bundled"),
+        "resumed_from": start if resume is not None else None,
     }
     if "step_seconds" in stats:  # mean seconds per step in each phase (rank 0's clock)
         summary["step_seconds"] = stats["step_seconds"]
@@ -634,6 +845,17 @@ def main(argv: list[str] | None = None) -> int:
         prefix = "" if dist.world_size() == 1 else f"[rank {dist.rank()}] "
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        # The ring backend raises when a peer's connection drops (a rank died); MPI instead
+        # has mpirun end every rank and name the dead one itself.
+        if "[ring]" not in str(e):
+            raise
+        last = checkpoint.latest(Path(args.adapter_path))
+        kept = (f"the last complete checkpoint (iteration {last}) is intact: continue with "
+                "--resume" if last is not None else "no checkpoint was written yet")
+        print(f"error: {_peer_lost_message(dist.world(), 'ring', e)} Stopping; {kept}.",
+              file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

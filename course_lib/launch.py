@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,14 +113,15 @@ class _Progress:
 
 def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpirun",
                   args: tuple | list = (), progress: bool = True, poll_seconds: float = 0.5,
-                  timeout: float | None = None) -> dict:
+                  timeout: float | None = None, env_extra: dict | None = None) -> dict:
     """Run the fine-tune CLI on ``ranks`` ranks and return its ``summary.json``.
 
     ``launcher`` is ``"mpirun"`` or ``"mlx.launch"`` (ignored for one rank: plain python).
-    ``args`` are extra ``course_lib.fine_tune`` options. While it runs, the progress bar
+    ``args`` are extra ``course_lib.fine_tune`` options; ``env_extra`` extra environment. While it runs, the progress bar
     follows ``metrics.jsonl`` (iteration, loss, tokens/s). Raises ``RuntimeError`` with the
-    end of the run's output when it exits non-zero, or ``TimeoutError`` after ``timeout``
-    seconds (the run is killed).
+    end of the run's output when it exits non-zero or, under ``mlx.launch`` (which exits 0
+    regardless), when a rank exited non-zero; ``TimeoutError`` after ``timeout`` seconds
+    (the run is killed).
     """
     adapter_path = Path(adapter_path)
     cmd = python_module("course_lib.fine_tune", "--no-progress", "--adapter-path",
@@ -138,7 +140,7 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
     bar = _Progress(iters, f"{ranks} rank{'s' if ranks > 1 else ''}") if progress else None
     started = time.monotonic()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=child_env()) as proc:
+                          env=child_env(**(env_extra or {}))) as proc:
         output: list[str] = []
         os.set_blocking(proc.stdout.fileno(), False)
         while proc.poll() is None:
@@ -157,7 +159,12 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
     if bar:
         bar.update(iters, "done")
         bar.close()
-    if proc.returncode != 0:
+    # mlx.launch (MLX 0.32) exits 0 even when a rank died; its warning names the rank.
+    died = [m for m in re.finditer(r"Node with rank (\d+) exited with code (-?\d+)",
+                                   "".join(output)) if m.group(2) != "0"]
+    if proc.returncode != 0 or died:
         tail = "".join(output[-20:])
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+        who = "; ".join(f"rank {m.group(1)} exited with code {m.group(2)}" for m in died)
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}"
+                           f"{' (' + who + ')' if who else ''}:\n{tail}")
     return json.loads((adapter_path / "summary.json").read_text())

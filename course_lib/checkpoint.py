@@ -1,0 +1,167 @@
+"""Checkpoints that continue a fine-tune exactly, written so a crash never corrupts one.
+
+A checkpoint at iteration ``N`` in the adapter folder is three files:
+
+- ``000000N_adapters.safetensors``: the trainable weights (what ``mlx_lm`` loads);
+- ``000000N_optimizer.safetensors``: the optimizer state (Adam's moments and step);
+- ``000000N_state.json``: the iteration, the data order's random state and position, and
+  the run's settings. (MLX's own random state needs no saving: the loop reseeds it from the
+  seed and the iteration at every step, so dropout masks do not depend on history.)
+
+Each file is written to a temporary name and renamed, and ``state.json`` is written last:
+a checkpoint counts as complete only when its state file exists, so a process killed in
+the middle of a save leaves the previous checkpoint as the latest complete one.
+
+On resume, rank 0 reads the checkpoint and sends it to the other ranks with all-reduces
+(the others contribute zeros), so only rank 0's machine needs the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+CHECKPOINT = re.compile(r"^(\d{7})_state\.json$")
+
+
+def paths(folder: Path, iteration: int) -> dict[str, Path]:
+    """The three files of the checkpoint at ``iteration``."""
+    stem = Path(folder) / f"{iteration:07d}"
+    return {"adapters": Path(f"{stem}_adapters.safetensors"),
+            "optimizer": Path(f"{stem}_optimizer.safetensors"),
+            "state": Path(f"{stem}_state.json")}
+
+
+def save_safetensors_atomic(path: Path, arrays: dict) -> None:
+    """``mx.save_safetensors`` into a temporary file beside ``path``, then rename."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
+    mx.save_safetensors(str(tmp), arrays)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _fault(name: str, iteration: int) -> None:
+    """Test hook: ``COURSE_LIB_FAULT=kill-in-save@N`` SIGKILLs rank 0 in the middle of the
+    save at iteration N (after the adapters, before the optimizer state and state file)."""
+    if os.environ.get("COURSE_LIB_FAULT") == f"{name}@{iteration}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save(folder: Path, iteration: int, model, optimizer, state: dict) -> Path:
+    """Write the checkpoint at ``iteration`` (rank 0 only); returns its adapters file.
+
+    ``state`` holds what else continuing needs (data order, settings); the iteration is
+    added here.
+    """
+    p = paths(folder, iteration)
+    save_safetensors_atomic(p["adapters"], dict(tree_flatten(model.trainable_parameters())))
+    _fault("kill-in-save", iteration)
+    save_safetensors_atomic(p["optimizer"], dict(tree_flatten(optimizer.state)))
+    write_json_atomic(p["state"], {**state, "iteration": iteration})
+    return p["adapters"]
+
+
+def latest(folder: Path) -> int | None:
+    """Iteration of the newest complete checkpoint in ``folder`` (state file and both weight
+    files present), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for f in folder.iterdir():
+        m = CHECKPOINT.match(f.name)
+        if m and all(p.is_file() for p in paths(folder, int(m.group(1))).values()):
+            found.append(int(m.group(1)))
+    return max(found, default=None)
+
+
+def iteration_of(adapter_file: str | Path) -> int | None:
+    """``N`` when ``adapter_file`` is a checkpoint's ``000000N_adapters.safetensors`` whose
+    state file exists beside it; None for a plain adapter file."""
+    m = re.match(r"^(\d{7})_adapters\.safetensors$", Path(adapter_file).name)
+    if not m:
+        return None
+    n = int(m.group(1))
+    return n if paths(Path(adapter_file).parent, n)["state"].is_file() else None
+
+
+def fingerprint(path: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of a file: ties a checkpoint to its training data."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def mismatches(saved: dict, current: dict) -> list[str]:
+    """Settings that differ between a checkpoint and this run, as ``name: saved -> now``."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+# ----------------------------------------------------------------------------- broadcast
+
+def broadcast_json(obj, group):
+    """Rank 0's JSON-able ``obj`` on every rank (others pass anything, e.g. None)."""
+    if group.size() == 1:
+        return obj
+    data = json.dumps(obj).encode() if group.rank() == 0 else b""
+    n = int(mx.distributed.all_sum(mx.array(len(data)), group=group).item())
+    buf = np.frombuffer(data, dtype=np.uint8) if group.rank() == 0 else np.zeros(n, np.uint8)
+    total = mx.distributed.all_sum(mx.array(buf.astype(np.int32)), group=group)
+    return json.loads(bytes(np.array(total).astype(np.uint8)).decode())
+
+
+def broadcast_arrays(arrays: dict, template: dict, group) -> dict:
+    """Rank 0's ``arrays`` on every rank; other ranks pass ``{}`` and get arrays shaped like
+    ``template`` (same keys) filled from rank 0."""
+    if group.size() == 1:
+        return arrays
+    out = {}
+    for k, like in template.items():
+        mine = arrays[k] if group.rank() == 0 else mx.zeros(like.shape, like.dtype)
+        out[k] = mx.distributed.all_sum(mine, group=group)
+    mx.eval(out)
+    return out
+
+
+def read_state(folder: Path, iteration: int, group) -> dict:
+    """The state file of a checkpoint, read on rank 0 and sent to every rank."""
+    rank0 = group.rank() == 0
+    return broadcast_json(json.loads(paths(folder, iteration)["state"].read_text())
+                          if rank0 else None, group)
+
+
+def restore(folder: Path, iteration: int, model, optimizer, group) -> None:
+    """Load a checkpoint's weights and optimizer state on every rank (read on rank 0,
+    broadcast to the others).
+
+    ``optimizer`` must have been initialised (``optimizer.init(...)``) so its state has the
+    right structure on every rank.
+    """
+    p = paths(folder, iteration)
+    rank0 = group.rank() == 0
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    weights = broadcast_arrays(mx.load(str(p["adapters"])) if rank0 else {}, trainable, group)
+    model.load_weights(list(weights.items()), strict=False)
+    opt_template = dict(tree_flatten(optimizer.state))
+    opt = broadcast_arrays(mx.load(str(p["optimizer"])) if rank0 else {}, opt_template, group)
+    optimizer.state = tree_unflatten(list(opt.items()))
+    mx.eval(model.parameters(), optimizer.state)

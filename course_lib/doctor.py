@@ -1,0 +1,275 @@
+"""Pre-flight check before a distributed fine-tune: ``python -m course_lib.doctor``.
+
+Each check prints ``PASS``, ``WARN`` or ``FAIL`` with what it found and, when it fails, a
+hint that fixes it:
+
+1. MLX imports, its version, its default device, and which BLAS its matmuls use;
+2. OpenMPI's ``mpirun`` is on ``PATH``, and its version;
+3. the hostfile (``--hostfile``, OpenMPI or ``mlx.launch`` form) parses, its slots cover
+   ``--ranks``, and every host name resolves;
+4. for each remote host: passwordless SSH works (``ssh -o BatchMode=yes``), and the same
+   Python path exists there with the same MLX, mlx_lm and course_lib versions;
+5. under ``mpirun``: an ``all_sum`` gives the right value on every rank, and the measured
+   latency (4 KiB all-reduce) and bandwidth (16 MiB) between ranks, with a warning when the
+   link is too slow for distributed training to pay.
+
+Exit status 1 when any check fails, 0 otherwise (warnings included).
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # before MLX loads: see course_lib.blas
+    from course_lib.blas import reexec_with_fast_blas
+
+    reexec_with_fast_blas()
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Below this all-reduce bus bandwidth (GB/s, 1e9 bytes/s) a full fine-tune of even a small
+# model spends more time communicating than computing: 0.1 GB/s is about gigabit Ethernet.
+SLOW_LINK_GBPS = 0.1
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
+
+
+class Report:
+    """Collects check results and prints them as they come."""
+
+    def __init__(self, out=sys.stdout):
+        self.out, self.failed, self.results = out, 0, []
+
+    def add(self, status: str, check: str, detail: str, hint: str = "") -> None:
+        self.results.append({"status": status, "check": check, "detail": detail, "hint": hint})
+        self.failed += status == "FAIL"
+        line = f"{status:4}  {check}: {detail}"
+        if hint and status != "PASS":
+            line += f"\n      hint: {hint}"
+        print(line, file=self.out, flush=True)
+
+
+def check_mlx(report: Report) -> None:
+    try:
+        import mlx.core as mx
+    except ImportError as e:
+        report.add("FAIL", "MLX", f"cannot import mlx ({e})",
+                   "run bash scripts/setup.sh (or pip install 'mlx[cpu]' on Linux, mlx on macOS)")
+        return
+    from course_lib import blas
+
+    report.add("PASS", "MLX", f"version {mx.__version__}, default device {mx.default_device()}")
+    line = blas.report()
+    slow = "WARNING" in line or "opted out" in line
+    if sys.platform == "linux" and blas.bundled_reference_blas() and not slow:
+        loaded = blas.loaded_blas_libraries()
+        if not any("openblas" in p for p in loaded):
+            line, slow = "this process runs on the reference BLAS (was mlx imported first?)", True
+    report.add("WARN" if slow else "PASS", "BLAS", line.removeprefix("blas: "),
+               "install libopenblas0-pthread (bash scripts/setup.sh does) and start through "
+               "python -m course_lib.*")
+
+
+def check_mpi(report: Report) -> bool:
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        report.add("FAIL", "OpenMPI", "mpirun not found on PATH",
+                   "install OpenMPI: bash scripts/setup.sh (apt-get install openmpi-bin, or "
+                   "brew install open-mpi on macOS), or add its bin folder to PATH")
+        return False
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+        version = re.search(r"\(Open MPI\) (\S+)", out.stdout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        report.add("FAIL", "OpenMPI", f"{mpirun} --version failed ({e})", "reinstall OpenMPI")
+        return False
+    if version is None:
+        report.add("WARN", "OpenMPI", f"{mpirun} is not Open MPI: {out.stdout.strip()[:80]}",
+                   "the course is tested with Open MPI 4.1; MPICH may need other flags")
+        return True
+    report.add("PASS", "OpenMPI", f"Open MPI {version.group(1)} at {mpirun}")
+    return True
+
+
+def check_hostfile(report: Report, path: str | None, ranks: int):
+    """Returns the hosts (or None when the hostfile fails)."""
+    from course_lib.hostfile import Host, HostfileError, read_hostfile, total_slots
+
+    if path is None:
+        report.add("PASS", "hostfile", f"none given: {ranks} ranks on this machine")
+        return [Host("localhost", ranks)]
+    try:
+        hosts = read_hostfile(path)
+    except HostfileError as e:
+        report.add("FAIL", "hostfile", str(e), "fix the line named; see the comments in the "
+                   "course's example hostfile")
+        return None
+    slots = total_slots(hosts)
+    if slots < ranks:
+        report.add("FAIL", "hostfile", f"{path}: {slots} slots for {ranks} ranks",
+                   f"raise slots= or ask for at most {slots} ranks (--ranks)")
+        return None
+    report.add("PASS", "hostfile", f"{path}: {len(hosts)} hosts, {slots} slots")
+    unresolved = []
+    for h in hosts:
+        try:
+            socket.getaddrinfo(h.name, None)
+        except socket.gaierror:
+            unresolved.append(h.name)
+    if unresolved:
+        report.add("FAIL", "hosts resolve", ", ".join(unresolved) + " do not resolve",
+                   "use IP addresses, or add the names to /etc/hosts on this machine")
+        return None
+    report.add("PASS", "hosts resolve", ", ".join(h.name for h in hosts))
+    return hosts
+
+
+def _versions_code() -> str:
+    return ("import json, mlx.core, mlx_lm, course_lib; print(json.dumps({'mlx': mlx.core.__version__, "
+            "'mlx_lm': mlx_lm.__version__, 'course_lib': course_lib.__version__}))")
+
+
+def local_versions() -> dict:
+    import mlx.core
+    import mlx_lm
+
+    import course_lib
+
+    return {"mlx": mlx.core.__version__, "mlx_lm": mlx_lm.__version__,
+            "course_lib": course_lib.__version__}
+
+
+def check_remote(report: Report, hosts, timeout: float = 10) -> bool:
+    ok = True
+    remote = [h for h in hosts if h.name not in LOCAL_NAMES]
+    if not remote:
+        report.add("PASS", "SSH", "all hosts are this machine: no SSH needed")
+        return True
+    mine = local_versions()
+    for h in remote:
+        base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}",
+                "-o", "StrictHostKeyChecking=accept-new", h.name]
+        try:
+            probe = subprocess.run(base + ["true"], capture_output=True, text=True,
+                                   timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            probe = None
+        if probe is None or probe.returncode != 0:
+            why = "timed out" if probe is None else (probe.stderr.strip().splitlines() or ["failed"])[-1]
+            report.add("FAIL", f"SSH {h.name}", f"passwordless login failed ({why})",
+                       f"ssh-keygen -t ed25519 (once), then ssh-copy-id {h.name}; check that "
+                       f"`ssh {h.name} true` works without a password")
+            ok = False
+            continue
+        report.add("PASS", f"SSH {h.name}", "passwordless login works")
+        found = subprocess.run(base + [sys.executable, "-c", _versions_code()],
+                               capture_output=True, text=True, timeout=timeout + 30)
+        try:
+            theirs = json.loads(found.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            report.add("FAIL", f"Python on {h.name}", f"{sys.executable} with mlx, mlx_lm and "
+                       "course_lib is not there", "clone the course to the same path there and "
+                       "run bash scripts/setup.sh")
+            ok = False
+            continue
+        if theirs != mine:
+            report.add("FAIL", f"versions on {h.name}", f"{theirs} here {mine}",
+                       "run bash scripts/setup.sh there (same commit of the course)")
+            ok = False
+        else:
+            report.add("PASS", f"versions on {h.name}", ", ".join(f"{k} {v}" for k, v in mine.items()))
+    return ok
+
+
+def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: float = 120):
+    from course_lib.launch import child_env, mpirun_command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hostfile_arg = None
+        if hostfile:
+            from course_lib.hostfile import read_hostfile, to_openmpi
+
+            hostfile_arg = Path(tmp) / "hostfile"
+            hostfile_arg.write_text(to_openmpi(read_hostfile(hostfile)))
+        cmd = mpirun_command(ranks, sys.executable, "-m", "course_lib.doctor", "--worker",
+                             hostfile=str(hostfile_arg) if hostfile_arg else None)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=child_env())
+        except subprocess.TimeoutExpired:
+            report.add("FAIL", "all-reduce", f"{ranks} ranks did not finish in {timeout:.0f} s",
+                       "a host may block the ports OpenMPI picks: open them, or choose the "
+                       "interface with --mca btl_tcp_if_include/oob_tcp_if_include")
+            return
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(rows) != ranks:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and set(ln.strip()) != {"-"}]
+        tail = lines[-1].strip() if lines else "no output"
+        report.add("FAIL", "all-reduce", f"mpirun -np {ranks} exited {proc.returncode}: {tail}",
+                   "run the mpirun command by hand to see the whole message")
+        return
+    expected = ranks * (ranks + 1) / 2
+    wrong = [r["rank"] for r in rows if r["received"] != expected]
+    if wrong:
+        report.add("FAIL", "all-reduce", f"ranks {wrong} got a wrong all_sum",
+                   "mixed MLX versions or a broken network: see the checks above")
+        return
+    report.add("PASS", "all-reduce", f"all_sum of 1..{ranks} = {expected:g} on all {ranks} ranks")
+    bench = next(r for r in rows if r["rank"] == 0)
+    latency_us, gbps = bench["latency_seconds"] * 1e6, bench["bus_gbps"]
+    detail = f"latency {latency_us:.0f} us (4 KiB), bandwidth {gbps:.2f} GB/s (16 MiB)"
+    if gbps < SLOW_LINK_GBPS:
+        report.add("WARN", "link speed", detail + f": below {SLOW_LINK_GBPS} GB/s",
+                   "a full fine-tune will wait on the network; LoRA may still pay. Use a "
+                   "faster link (Thunderbolt bridge, wired Ethernet) and select it with "
+                   "btl_tcp_if_include/oob_tcp_if_include")
+    else:
+        report.add("PASS", "link speed", detail)
+
+
+def worker() -> int:
+    """Run under mpirun by the all-reduce check: print this rank's findings as JSON."""
+    from course_lib.distributed import hello, init_world, measure_all_sum, print_line
+
+    group, _ = init_world("mpi")
+    result = hello(group)
+    small = measure_all_sum(4096, repeats=5, group=group)
+    large = measure_all_sum(16 * 1024**2, repeats=3, group=group)
+    print_line(json.dumps({**result, "latency_seconds": small["seconds"],
+                           "bus_gbps": large["bus_gbps"]}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m course_lib.doctor",
+                                     description="Pre-flight check for a distributed fine-tune.")
+    parser.add_argument("--hostfile", help="OpenMPI or mlx.launch hostfile (default: this machine)")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks to test with (default 2)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker()
+    if args.ranks < 1:
+        parser.error(f"--ranks must be at least 1, got {args.ranks}")
+    report = Report()
+    check_mlx(report)
+    has_mpi = check_mpi(report)
+    hosts = check_hostfile(report, args.hostfile, args.ranks)
+    remote_ok = hosts is not None and check_remote(report, hosts)
+    if has_mpi and remote_ok:
+        check_all_reduce(report, args.ranks, args.hostfile)
+    else:
+        report.add("FAIL", "all-reduce", "skipped: fix the failures above first")
+    print(f"\n{report.failed} check(s) failed" if report.failed else "\nall checks passed")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
