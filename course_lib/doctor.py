@@ -24,7 +24,6 @@ if __name__ == "__main__":  # before MLX loads: see course_lib.blas
     reexec_with_fast_blas()
 
 import json
-import os
 import re
 import shutil
 import socket

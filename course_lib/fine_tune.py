@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="distributed backend; auto: mpi under mpirun, ring under mlx.launch")
     a("--loss-weighting", choices=["tokens", "ranks"], default="tokens",
       help="tokens: exact full-batch gradient; ranks: mean of per-rank means (mlx_lm's)")
-    a("--all-reduce", choices=["plain", "bucketed"], default="plain",
+    a("--all-reduce", choices=["auto", "plain", "bucketed"], default="auto",
       help="plain: all_reduce_grads, one all_sum per array; bucketed: "
-      "mlx.nn.average_gradients, arrays concatenated into ~32 MiB buckets")
+      "mlx.nn.average_gradients, arrays concatenated into ~32 MiB buckets; auto (default): "
+      "plain under MPI, bucketed under the ring backend (whose calls are slow to start)")
     a("--step-timing", action="store_true",
       help="time each step's phases (data, forward+backward, all-reduce, optimizer) with an "
       "evaluation between them; costs a little speed, feeds Amdahl's law in chapter 5")
@@ -391,6 +392,19 @@ class PhaseTimer:
         self._last = now
 
 
+# Measured on the course's 2-core machine (benchmarks/all_reduce.py, MLX 0.32): one all_sum
+# costs ~20 us under MPI but ~10 ms under the ring backend, whatever its size; the LoRA
+# tree of the default model has 56 arrays, so plain averaging takes ~1 ms under MPI and
+# ~100 ms under the ring, bucketed ~1 ms and ~13 ms.
+def resolve_all_reduce(choice: str, group) -> str:
+    """``plain`` or ``bucketed`` for ``--all-reduce`` ``choice``; ``auto`` picks plain (the
+    course's all_reduce_grads) where a call is cheap (MPI, one rank) and bucketed where
+    each call pays a large fixed latency (the ring backend)."""
+    if choice != "auto":
+        return choice
+    return "bucketed" if dist.detect_backend() == "ring" and group.size() > 1 else "plain"
+
+
 def make_step(model, optimizer, args, group, timer: PhaseTimer):
     """The training step: gradients on this rank's share, all-reduce, optimizer update.
 
@@ -401,9 +415,8 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
     """
     from mlx_lm.tuner.trainer import default_loss
 
-    size = group.size()
     loss_and_grad = nn.value_and_grad(model, default_loss)
-    if args.all_reduce == "plain":
+    if resolve_all_reduce(args.all_reduce, group) == "plain":
         average = lambda g: dist.all_reduce_grads(g, group)  # noqa: E731
     else:
         average = lambda g: nn.average_gradients(g, group=group)  # noqa: E731
@@ -418,14 +431,15 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
             loss_sum, ntoks = loss_sum + loss * n, ntoks + n
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
         if args.loss_weighting == "tokens":
-            # Each rank's token sum, times N over the global token count: the mean over
-            # ranks of these is sum(all token gradients) / all tokens = the 1-rank gradient.
-            global_ntoks = dist.all_sum(ntoks, group)
-            grads = tree_map(lambda g: g * (size / global_ntoks), grad_sum)
+            # Average the token-summed gradients and the token counts in one all-reduce;
+            # mean(sum of gradients) / mean(token count) = (all token gradients) / (all
+            # tokens): exactly the gradient one rank would compute on the whole batch.
+            reduced = average({"grads": grad_sum, "ntoks": ntoks.astype(mx.float32)})
+            grads = tree_map(lambda g: g / reduced["ntoks"], reduced["grads"])
         else:
             # mlx_lm's way: this rank's mean, then the mean of the means.
-            grads = tree_map(lambda g: g / ntoks, grad_sum)
-        grads = average(grads)  # the all-reduce: every rank now holds the same gradient
+            grads = average(tree_map(lambda g: g / ntoks, grad_sum))
+        # Every rank now holds the same gradient.
         timer.lap("all_reduce", grads)
         optimizer.update(model, grads)
         timer.lap("optimizer", model.parameters(), optimizer.state)
@@ -810,7 +824,7 @@ def run(args) -> dict:
         "global_batch": args.batch_size,
         "per_rank_batch": args.batch_size // size,
         "loss_weighting": args.loss_weighting,
-        "all_reduce": args.all_reduce,
+        "all_reduce": resolve_all_reduce(args.all_reduce, group),
         "seconds": time.perf_counter() - t_start,
         "train_seconds": stats["train_seconds"],
         "train_tokens": stats["train_tokens"],

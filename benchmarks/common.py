@@ -1,0 +1,76 @@
+"""Shared helpers for the benchmark scripts: run a command with the course's BLAS set-up,
+print a table, save results as JSON with the machine they ran on."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+
+from course_lib import blas  # noqa: E402
+from course_lib.launch import child_env, mlx_launch_command, mpirun_command  # noqa: E402
+
+PY = sys.executable
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import mlx.core as mx
+    import mlx_lm
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "mlx": mx.__version__,
+            "mlx_lm": mlx_lm.__version__, "blas": blas.report(),
+            "load_average_at_start": os.getloadavg()}
+
+
+def launch(ranks: int, cmd: list, launcher: str = "mpirun") -> list:
+    """``cmd`` on ``ranks`` ranks (plain for one)."""
+    if ranks == 1:
+        return cmd
+    return mpirun_command(ranks, *cmd) if launcher == "mpirun" else mlx_launch_command(ranks, *cmd)
+
+
+def run(cmd: list, env: dict | None = None, timeout: float = 1800) -> tuple[float, str]:
+    """Run ``cmd`` (course BLAS environment unless ``env``); return (wall seconds, stdout).
+    Raises RuntimeError with the output's tail when it fails."""
+    tic = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                          timeout=timeout, env=env or blas.fast_blas_env(child_env()),
+                          cwd=REPO)
+    seconds = time.perf_counter() - tic
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return seconds, proc.stdout
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain text table, numbers right-aligned."""
+    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def save(name: str, payload: dict) -> Path:
+    """Write ``results/NAME.json`` with the machine description and a timestamp."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "machine": machine(), **payload}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path

@@ -1,0 +1,91 @@
+"""Peak memory per rank of a LoRA fine-tune, ours against mlx_lm.lora, for the default model
+and for models 10x and 100x its size (same architecture and tokenizer, random weights).
+
+    python benchmarks/memory.py [--iters 5] [--sizes 1,10,100]
+
+Peak memory is MLX's own count (mx.get_peak_memory: bytes its allocator held at most),
+the largest over the ranks for ours and rank 0's for mlx_lm.
+"""
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from common import PY, REPO, launch, run, save, table
+
+from course_lib.tiny_model import ensure_default_model
+
+# hidden, layers, intermediate, heads, kv heads -> ~2M (default), ~20M, ~200M parameters
+SHAPES = {1: None, 10: (512, 6, 1536, 8, 4), 100: (1024, 12, 4096, 16, 8)}
+
+
+def scaled_model(factor: int, folder: Path) -> Path:
+    """The default model's folder, or a random-weight copy of its architecture ~factor x."""
+    base = ensure_default_model()
+    if SHAPES[factor] is None:
+        return base
+    import mlx.core as mx
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_config, save_model
+
+    hidden, layers, inter, heads, kv = SHAPES[factor]
+    config = json.loads((base / "config.json").read_text())
+    config.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                  num_attention_heads=heads, num_key_value_heads=kv)
+    out = folder / f"x{factor}"
+    out.mkdir(parents=True)
+    mx.random.seed(factor)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (base / name).exists():
+            shutil.copy(base / name, out / name)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--sizes", default="1,10,100")
+    p.add_argument("--ranks", type=int, default=2)
+    a = p.parse_args()
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for factor in [int(f) for f in a.sizes.split(",")]:
+            model = scaled_model(factor, tmp)
+            params = json.loads((model / "config.json").read_text())
+            ours_out = tmp / f"ours{factor}"
+            run(launch(a.ranks, [PY, "-m", "course_lib.fine_tune", "--no-progress", "--model",
+                                 model, "--iters", a.iters, "--num-layers", -1,
+                                 "--steps-per-eval", 10**6, "--val-batches", 1,
+                                 "--save-every", 10**6, "--adapter-path", ours_out]))
+            ours = json.loads((ours_out / "summary.json").read_text())["peak_memory_gb"]
+            cfg = tmp / "lora.yaml"
+            cfg.write_text("lora_parameters: {rank: 8, scale: 20.0, dropout: 0.0}\n")
+            theirs_out = tmp / f"theirs{factor}"
+            theirs_out.mkdir()
+            run(launch(a.ranks, [PY, REPO / "benchmarks" / "mlx_lm_lora_driver.py",
+                                 theirs_out / "r.jsonl", "--", "--model", model, "--data",
+                                 REPO / "data-sets" / "pirate", "--iters", a.iters,
+                                 "--batch-size", 8, "--learning-rate", 5e-4,
+                                 "--num-layers", params["num_hidden_layers"],
+                                 "--steps-per-eval", 10**6, "--val-batches", 1,
+                                 "--save-every", 10**6, "--max-seq-length", 512,
+                                 "--adapter-path", theirs_out / "a", "-c", cfg]))
+            last = [json.loads(x) for x in (theirs_out / "r.jsonl").read_text().splitlines()][-1]
+            theirs = last["peak_memory_gb"]
+            results[factor] = {"ours_gb": ours, "mlx_lm_gb": theirs, "ratio": ours / theirs,
+                               "config": {k: params[k] for k in ("hidden_size",
+                                          "num_hidden_layers", "intermediate_size")}}
+            rows.append([f"{factor}x", ours, theirs, ours / theirs])
+            print(rows[-1], flush=True)
+    print(table(["model", "ours GB", "mlx_lm GB", "ours/mlx_lm"], rows))
+    print("saved", save("memory", {"iters": a.iters, "ranks": a.ranks, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""course_lib.fine_tune against mlx_lm.lora (the same installed mlx_lm) on the same work.
+
+Same default model, sample data, global batch, LoRA settings (rank 8, scale 20, dropout 0,
+all 4 layers), learning rate, iterations and seed; at 1 rank and at 2 ranks (mpirun).
+Runs alternate (ours, theirs, theirs, ours, ...) so drifting machine load hits both, and
+both get the same BLAS (OpenBLAS preloaded) and OPENBLAS_NUM_THREADS = cores / ranks.
+
+Throughput is training tokens (target tokens, padding excluded) per second of training
+steps, as each tool reports it (validation and model loading excluded); wall time covers
+the whole command. Prints a table and writes results/peer_comparison.json.
+
+    python benchmarks/peer_comparison.py [--iters 60] [--repeats 3] [--ranks 1,2]
+"""
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from common import PY, REPO, blas, child_env, launch, median, run, save, table
+
+from course_lib.tiny_model import ensure_default_model
+
+DATA = REPO / "data-sets" / "pirate"
+
+
+def env_for(ranks: int) -> dict:
+    env = child_env()
+    lib = blas.preload_path()
+    if lib:
+        env["LD_PRELOAD"] = lib
+    env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+    return env
+
+
+def ours(ranks: int, iters: int, out: Path) -> dict:
+    cmd = [PY, "-m", "course_lib.fine_tune", "--no-progress", "--iters", iters,
+           "--batch-size", 8, "--learning-rate", 5e-4, "--lora-rank", 8, "--lora-scale", 20,
+           "--num-layers", -1, "--steps-per-report", 10, "--steps-per-eval", 10**6,
+           "--val-batches", 1, "--save-every", 10**6, "--max-seq-length", 512, "--seed", 0,
+           "--adapter-path", out]
+    wall, _ = run(launch(ranks, cmd), env=env_for(ranks))
+    s = json.loads((out / "summary.json").read_text())
+    return {"tokens_per_second": s["tokens_per_second"], "wall_seconds": wall,
+            "final_train_loss": s["final_train_loss"], "peak_memory_gb": s["peak_memory_gb"]}
+
+
+def theirs(ranks: int, iters: int, out: Path, model: Path) -> dict:
+    config = out / "lora.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    config.write_text("lora_parameters: {rank: 8, scale: 20.0, dropout: 0.0}\n")
+    cmd = [PY, REPO / "benchmarks" / "mlx_lm_lora_driver.py", out / "reports.jsonl", "--",
+           "--model", model, "--data", DATA, "--iters", iters, "--batch-size", 8,
+           "--learning-rate", 5e-4, "--num-layers", 4, "--steps-per-report", 10,
+           "--steps-per-eval", 10**6, "--val-batches", 1, "--save-every", 10**6,
+           "--max-seq-length", 512, "--seed", 0, "--adapter-path", out / "adapters",
+           "-c", config]
+    wall, _ = run(launch(ranks, cmd), env=env_for(ranks))
+    reports = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+    train = [r for r in reports if r.get("split") == "train"]
+    tokens = train[-1]["trained_tokens"]
+    seconds = sum((b["trained_tokens"] - a) / b["tokens_per_second"]
+                  for a, b in zip([0] + [r["trained_tokens"] for r in train], train))
+    return {"tokens_per_second": tokens / seconds, "wall_seconds": wall,
+            "final_train_loss": train[-1]["train_loss"],
+            "peak_memory_gb": max(r["peak_memory"] for r in train)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ranks", default="1,2")
+    a = p.parse_args()
+    model = ensure_default_model()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in [int(r) for r in a.ranks.split(",")]:
+            pairs = []
+            for i in range(a.repeats):
+                order = ["ours", "theirs"] if i % 2 == 0 else ["theirs", "ours"]
+                pair = {}
+                for tool in order:
+                    out = Path(tmp) / f"{tool}-{ranks}-{i}"
+                    pair[tool] = (ours(ranks, a.iters, out) if tool == "ours"
+                                  else theirs(ranks, a.iters, out, model))
+                    print(f"ranks {ranks} repeat {i} {tool}: "
+                          f"{pair[tool]['tokens_per_second']:.0f} tokens/s, "
+                          f"{pair[tool]['wall_seconds']:.1f} s", flush=True)
+                pair["ratio"] = pair["ours"]["tokens_per_second"] / pair["theirs"]["tokens_per_second"]
+                pairs.append(pair)
+            results[str(ranks)] = {
+                "pairs": pairs,
+                "median_ratio": median([q["ratio"] for q in pairs]),
+                **{f"{tool}_median_{k}": median([q[tool][k] for q in pairs])
+                   for tool in ("ours", "theirs")
+                   for k in ("tokens_per_second", "wall_seconds", "final_train_loss",
+                             "peak_memory_gb")},
+            }
+    rows = [[r, v["ours_median_tokens_per_second"], v["theirs_median_tokens_per_second"],
+             v["median_ratio"], v["ours_median_wall_seconds"], v["theirs_median_wall_seconds"],
+             v["ours_median_final_train_loss"], v["theirs_median_final_train_loss"],
+             v["ours_median_peak_memory_gb"], v["theirs_median_peak_memory_gb"]]
+            for r, v in results.items()]
+    print(table(["ranks", "ours tok/s", "mlx_lm tok/s", "ours/theirs", "ours wall s",
+                 "mlx_lm wall s", "ours loss", "mlx_lm loss", "ours GB", "mlx_lm GB"], rows))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ranks = [int(r) for r in results]
+    for tool, label in [("ours", "course_lib.fine_tune"), ("theirs", "mlx_lm.lora")]:
+        ax.plot(ranks, [results[str(r)][f"{tool}_median_tokens_per_second"] for r in ranks],
+                "o-", label=label)
+    ax.set_xticks(ranks)
+    ax.set_xlabel("ranks (mpirun, one machine)")
+    ax.set_ylabel("training tokens/s (median)")
+    ax.set_title("LoRA fine-tune of the default model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(REPO / "benchmarks" / "results" / "tokens_per_second.png", dpi=100)
+    print("saved", save("peer_comparison", {"iters": a.iters, "repeats": a.repeats,
+                                            "results": results}))
+
+
+if __name__ == "__main__":
+    main()
