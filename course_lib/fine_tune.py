@@ -13,9 +13,9 @@ applies the same Adam update. So 1 rank and N ranks with the same seed follow th
 curve up to float rounding: the course's central claim.
 
 Token weighting: the loss is a mean over target tokens and ranks rarely hold the same number
-of them. With ``--loss-weighting tokens`` (the default) each rank's gradient is weighted by
-its share of the global token count before the average, which gives exactly the 1-rank
-gradient. ``--loss-weighting ranks`` is the plain mean of per-rank means (what
+of them. With ``--loss-weighting tokens`` (the default) each rank all-reduces its *sum* of
+token gradients together with its token count and divides the one by the other, which gives
+exactly the 1-rank gradient, in the same single all-reduce. ``--loss-weighting ranks`` is the plain mean of per-rank means (what
 ``mlx_lm.lora`` does), which differs slightly on uneven data.
 
 Model loading, LoRA layers, datasets, batching, the loss and validation are ``mlx_lm``'s
