@@ -117,6 +117,9 @@ BAD_CASES = {
     "batch-smaller-than-world": (2, ["--batch-size", "1"], "smaller than the world size 2"),
     "missing-data-folder": (1, ["--data", "no/such/folder"], "--data no/such/folder: no such folder"),
     "zero-iters": (1, ["--iters", "0"], "--iters must be at least 1"),
+    "negative-iters": (1, ["--iters", "-5"], "--iters must be at least 1, got -5"),
+    "unknown-fine-tune-type": (1, ["--fine-tune-type", "qlora"],
+                               "argument --fine-tune-type: invalid choice: 'qlora'"),
     "too-many-layers": (1, ["--num-layers", "99"], "the model has 4 layers"),
 }
 
