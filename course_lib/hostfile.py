@@ -39,11 +39,7 @@ class Host:
 
 
 def _valid_host(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return bool(_HOSTNAME.match(name)) and len(name) <= 253
+    return _is_ip(name) or (bool(_HOSTNAME.match(name)) and len(name) <= 253)
 
 
 def parse_openmpi(text: str, source: str = "<hostfile>") -> list[Host]:

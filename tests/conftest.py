@@ -63,8 +63,9 @@ def fine_tune_cmd(*args) -> list:
 
 def read_train_losses(folder: Path) -> dict[int, float]:
     """iteration -> train loss from a run's metrics.jsonl."""
-    with open(Path(folder) / "metrics.jsonl") as f:
-        return {r["iteration"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+    from course_lib.plotting import read_metrics
+
+    return {r["iteration"]: r["loss"] for r in read_metrics(folder) if r["split"] == "train"}
 
 
 @pytest.fixture(scope="session")
