@@ -35,6 +35,13 @@ system_packages() {
         local wanted=(openmpi-bin libopenmpi-dev libopenblas0-pthread openssh-client)
         # Debian's python3 lacks venv until python3-venv is installed.
         "$python" -c 'import venv, ensurepip' >/dev/null 2>&1 || wanted+=(python3-venv)
+        # The two-host lab (course_lib.lab, root only) runs OpenSSH's sshd inside network
+        # namespaces and shapes the link with tc. Installed only as root (where the lab can
+        # run); where systemd runs services, installing openssh-server also starts the
+        # system's own sshd. COURSE_LAB=0 leaves them out.
+        if [ "${COURSE_LAB:-1}" = 1 ] && [ "$(id -u)" -eq 0 ]; then
+            wanted+=(openssh-server iproute2)
+        fi
         local missing=()
         for pkg in "${wanted[@]}"; do
             dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
