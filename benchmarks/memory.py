@@ -1,7 +1,10 @@
 """Peak memory per rank of a LoRA fine-tune, ours against mlx_lm.lora, for the default model
 and for models 10x and 100x its size (same architecture and tokenizer, random weights).
 
-    python benchmarks/memory.py [--iters 5] [--sizes 1,10,100]
+Both tools train on the same 16 rows of nearly equal length (see same_work_data), global
+batch 8, LoRA rank 8 on every layer, 2 ranks under mpirun.
+
+    python benchmarks/memory.py [--iters 4] [--sizes 1,10,100] [--ranks 2]
 
 Peak memory is MLX's own count (mx.get_peak_memory: bytes its allocator held at most),
 the largest over the ranks for ours and rank 0's for mlx_lm.
@@ -46,15 +49,34 @@ def scaled_model(factor: int, folder: Path) -> Path:
     return out
 
 
+def same_work_data(folder: Path, rows: int = 16) -> Path:
+    """A data folder whose train split is the ``rows`` sample rows nearest the median length.
+
+    Peak memory follows the longest padded batch a run meets, and the two tools visit rows
+    in different orders (ours sorts by length; mlx_lm 0.32's sort key is a no-op, so its
+    batches mix lengths). Rows of nearly one length make every batch the same work for both.
+    """
+    lines = (REPO / "data-sets" / "pirate" / "train.jsonl").read_text().splitlines()
+    by_length = sorted(lines, key=len)
+    middle = len(by_length) // 2
+    chosen = by_length[middle - rows // 2: middle + rows - rows // 2]
+    out = folder / "same_work"
+    out.mkdir()
+    (out / "train.jsonl").write_text("\n".join(chosen) + "\n")
+    (out / "valid.jsonl").write_text("\n".join(chosen[:8]) + "\n")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=4)
     p.add_argument("--sizes", default="1,10,100")
     p.add_argument("--ranks", type=int, default=2)
     a = p.parse_args()
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        data = same_work_data(tmp)
         for factor in [int(f) for f in a.sizes.split(",")]:
             model = scaled_model(factor, tmp)
             params = json.loads((model / "config.json").read_text())
@@ -62,7 +84,8 @@ def main():
             run(launch(a.ranks, [PY, "-m", "course_lib.fine_tune", "--no-progress", "--model",
                                  model, "--iters", a.iters, "--num-layers", -1,
                                  "--steps-per-eval", 10**6, "--val-batches", 1,
-                                 "--save-every", 10**6, "--adapter-path", ours_out]))
+                                 "--save-every", 10**6, "--data", data,
+                                 "--adapter-path", ours_out]))
             ours = json.loads((ours_out / "summary.json").read_text())["peak_memory_gb"]
             cfg = tmp / "lora.yaml"
             cfg.write_text("lora_parameters: {rank: 8, scale: 20.0, dropout: 0.0}\n")
@@ -70,7 +93,7 @@ def main():
             theirs_out.mkdir()
             run(launch(a.ranks, [PY, REPO / "benchmarks" / "mlx_lm_lora_driver.py",
                                  theirs_out / "r.jsonl", "--", "--model", model, "--data",
-                                 REPO / "data-sets" / "pirate", "--iters", a.iters,
+                                 data, "--iters", a.iters,
                                  "--batch-size", 8, "--learning-rate", 5e-4,
                                  "--num-layers", params["num_hidden_layers"],
                                  "--steps-per-eval", 10**6, "--val-batches", 1,

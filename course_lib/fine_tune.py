@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--step-timing", action="store_true",
       help="time each step's phases (data, forward+backward, all-reduce, optimizer) with an "
       "evaluation between them; costs a little speed, feeds Amdahl's law in chapter 5")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="mx.compile the forward+backward pass and the optimizer update; default: on a "
+      "GPU yes, on a CPU no (measured no faster there: benchmarks/README.md)")
     a("--no-progress", action="store_true", help="no progress bar, report lines only")
     return p
 
@@ -370,7 +373,9 @@ class PhaseTimer:
     the step stays one lazy graph evaluated once.
     """
 
-    PHASES = ("data", "forward_backward", "all_reduce", "optimizer")
+    # "wait": a barrier before the all-reduce, so that waiting for a slower rank (one with
+    # longer rows, or a busier core) is not charged to the communication. Zero at 1 rank.
+    PHASES = ("data", "forward_backward", "wait", "all_reduce", "optimizer")
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -405,6 +410,17 @@ def resolve_all_reduce(choice: str, group) -> str:
     return "bucketed" if dist.detect_backend() == "ring" and group.size() > 1 else "plain"
 
 
+def resolve_compile(choice: bool | None) -> bool:
+    """Whether to ``mx.compile`` the step for ``--compile``/``--no-compile`` (``choice``) or
+    neither (``None``): on a GPU yes (Metal kernels fuse and launch less often, which is why
+    mlx_lm compiles its step); on a CPU no, since benchmarks/step_anatomy.py measured the
+    compiled step no faster there (0.84-0.92x at 1 rank, 0.97-1.08x at 2, two runs on a
+    2-core x86 machine; benchmarks/README.md)."""
+    if choice is not None:
+        return choice
+    return mx.default_device() == mx.gpu
+
+
 def make_step(model, optimizer, args, group, timer: PhaseTimer):
     """The training step: gradients on this rank's share, all-reduce, optimizer update.
 
@@ -412,6 +428,12 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
     of ``(batch, lengths)`` (one per gradient-accumulation step) and the results are this
     rank's summed token losses and target-token count (lazy ``mx.array`` scalars).
     ``timer`` splits the step's time into phases when enabled.
+
+    With :func:`resolve_compile` true the forward+backward pass and the optimizer update are each an
+    ``mx.compile``d function (as ``mlx_lm``'s trainer compiles its step): MLX fuses their
+    many small element-wise operations into fewer kernels, traced once per batch shape. The
+    all-reduce between them stays plain Python, so the averaging the course teaches is the
+    code that runs, and ``--step-timing`` still sees the three phases apart.
     """
     from mlx_lm.tuner.trainer import default_loss
 
@@ -421,15 +443,34 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
     else:
         average = lambda g: nn.average_gradients(g, group=group)  # noqa: E731
 
+    def token_sums(batch, lengths):
+        """This micro-batch's summed token loss, token count and token-summed gradients
+        (default_loss returns means: multiplying by the count undoes that, so
+        micro-batches and ranks add up)."""
+        (loss, n), grads = loss_and_grad(model, batch, lengths)
+        return loss * n, n, tree_map(lambda g: g * n, grads)
+
+    def update(grads):
+        optimizer.update(model, grads)
+
+    if resolve_compile(args.compile):
+        # Parameters, optimizer moments and the dropout RNG are inputs and outputs of the
+        # compiled graphs rather than constants baked into them. The model is an output of
+        # token_sums too: value_and_grad puts its traced parameters into the model.
+        token_sums = mx.compile(token_sums, inputs=[model.state, mx.random.state],
+                                outputs=[model.state, mx.random.state])
+        update = mx.compile(update, inputs=[model.state, optimizer.state],
+                            outputs=[model.state, optimizer.state])
+
     def step(micro_batches):
         grad_sum, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
         for batch, lengths in micro_batches:
-            (loss, n), grads = loss_and_grad(model, batch, lengths)
-            # Undo the per-micro-batch mean: sum over tokens, so micro-batches add up.
-            grads = tree_map(lambda g, n=n: g * n, grads)
+            loss, n, grads = token_sums(batch, lengths)
             grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
-            loss_sum, ntoks = loss_sum + loss * n, ntoks + n
+            loss_sum, ntoks = loss_sum + loss, ntoks + n
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
+        if timer.enabled and group.size() > 1:
+            timer.lap("wait", dist.all_sum(mx.array(1.0), group))
         if args.loss_weighting == "tokens":
             # Average the token-summed gradients and the token counts in one all-reduce;
             # mean(sum of gradients) / mean(token count) = (all token gradients) / (all
@@ -441,7 +482,7 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
             grads = average(tree_map(lambda g: g / ntoks, grad_sum))
         # Every rank now holds the same gradient.
         timer.lap("all_reduce", grads)
-        optimizer.update(model, grads)
+        update(grads)
         timer.lap("optimizer", model.parameters(), optimizer.state)
         return loss_sum, ntoks
 
@@ -825,6 +866,7 @@ def run(args) -> dict:
         "per_rank_batch": args.batch_size // size,
         "loss_weighting": args.loss_weighting,
         "all_reduce": resolve_all_reduce(args.all_reduce, group),
+        "compiled": resolve_compile(args.compile),
         "seconds": time.perf_counter() - t_start,
         "train_seconds": stats["train_seconds"],
         "train_tokens": stats["train_tokens"],

@@ -42,6 +42,24 @@ def test_two_ring_ranks_via_mlx_launch_follow_it_too(one_rank_run, tmp_path):
 
 
 @pytest.mark.distributed
+def test_compiled_step_with_phase_timing_follows_it_too(one_rank_run, tmp_path):
+    """mx.compile'd forward+backward and update (--compile), timed phase by phase with the
+    barrier that separates waiting from the all-reduce: still the 1-rank (op by op) curve."""
+    run(mpirun(2, *fine_tune_cmd(*SHORT, "--compile", "--step-timing",
+                                 "--adapter-path", tmp_path)))
+    assert _max_rel_diff(read_train_losses(one_rank_run), read_train_losses(tmp_path)) < 1e-4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["compiled"] is True
+    from course_lib.fine_tune import resolve_compile  # default: compile on a GPU only
+
+    assert json.loads((one_rank_run / "summary.json").read_text())["compiled"] is \
+        resolve_compile(None)
+    phases = summary["step_seconds"]
+    assert list(phases) == ["data", "forward_backward", "wait", "all_reduce", "optimizer"]
+    assert all(v >= 0 for v in phases.values()) and phases["forward_backward"] > 0
+
+
+@pytest.mark.distributed
 def test_mean_of_rank_means_drifts_token_weighting_does_not(one_rank_run, tmp_path):
     """The design's token-weighting lesson: mlx_lm's plain mean of per-rank means is not the
     full-batch gradient when ranks hold different token counts; ours is."""

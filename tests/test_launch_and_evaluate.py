@@ -77,7 +77,8 @@ def test_run_fine_tune_returns_summary_and_raises_on_failure(tmp_path, default_m
                                    args=["--iters", "3", "--steps-per-eval", "100",
                                          "--val-batches", "1", "--step-timing"])
     assert summary["iterations"] == 3 and summary["world_size"] == 1
-    assert set(summary["step_seconds"]) == {"data", "forward_backward", "all_reduce", "optimizer"}
+    assert set(summary["step_seconds"]) == {"data", "forward_backward", "wait", "all_reduce",
+                                           "optimizer"}
     with pytest.raises(RuntimeError, match="--iters must be at least 1"):
         launch.run_fine_tune(tmp_path / "bad", progress=False, args=["--iters", "0"])
 
