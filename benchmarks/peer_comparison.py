@@ -1,7 +1,8 @@
 """course_lib.fine_tune against mlx_lm.lora (the same installed mlx_lm) on the same work.
 
 Same default model, sample data, global batch, LoRA settings (rank 8, scale 20, dropout 0,
-all 4 layers), learning rate, iterations and seed; at 1 rank and at 2 ranks (mpirun).
+all 4 layers), learning rate, iterations and seed; at 1 rank and at 2 ranks (mpirun, or
+mlx.launch with --launcher mlx.launch).
 Runs alternate (ours, theirs, theirs, ours, ...) so drifting machine load hits both, and
 both get the same BLAS (OpenBLAS preloaded) and OPENBLAS_NUM_THREADS = cores / ranks.
 
@@ -10,6 +11,7 @@ steps, as each tool reports it (validation and model loading excluded); wall tim
 the whole command. Prints a table and writes results/peer_comparison.json.
 
     python benchmarks/peer_comparison.py [--iters 60] [--repeats 3] [--ranks 1,2]
+                                         [--launcher mpirun|mlx.launch]
 """
 
 import argparse
@@ -34,19 +36,20 @@ def env_for(ranks: int) -> dict:
     return env
 
 
-def ours(ranks: int, iters: int, out: Path) -> dict:
+def ours(ranks: int, iters: int, out: Path, launcher: str = "mpirun") -> dict:
     cmd = [PY, "-m", "course_lib.fine_tune", "--no-progress", "--iters", iters,
            "--batch-size", 8, "--learning-rate", 5e-4, "--lora-rank", 8, "--lora-scale", 20,
            "--num-layers", -1, "--steps-per-report", 10, "--steps-per-eval", 10**6,
            "--val-batches", 1, "--save-every", 10**6, "--max-seq-length", 512, "--seed", 0,
            "--adapter-path", out]
-    wall, _ = run(launch(ranks, cmd), env=env_for(ranks))
+    wall, _ = run(launch(ranks, cmd, launcher), env=env_for(ranks))
     s = json.loads((out / "summary.json").read_text())
     return {"tokens_per_second": s["tokens_per_second"], "wall_seconds": wall,
             "final_train_loss": s["final_train_loss"], "peak_memory_gb": s["peak_memory_gb"]}
 
 
-def theirs(ranks: int, iters: int, out: Path, model: Path) -> dict:
+def theirs(ranks: int, iters: int, out: Path, model: Path,
+           launcher: str = "mpirun") -> dict:
     config = out / "lora.yaml"
     out.mkdir(parents=True, exist_ok=True)
     config.write_text("lora_parameters: {rank: 8, scale: 20.0, dropout: 0.0}\n")
@@ -56,7 +59,7 @@ def theirs(ranks: int, iters: int, out: Path, model: Path) -> dict:
            "--steps-per-eval", 10**6, "--val-batches", 1, "--save-every", 10**6,
            "--max-seq-length", 512, "--seed", 0, "--adapter-path", out / "adapters",
            "-c", config]
-    wall, _ = run(launch(ranks, cmd), env=env_for(ranks))
+    wall, _ = run(launch(ranks, cmd, launcher), env=env_for(ranks))
     reports = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
     train = [r for r in reports if r.get("split") == "train"]
     tokens = train[-1]["trained_tokens"]
@@ -72,6 +75,9 @@ def main():
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ranks", default="1,2")
+    p.add_argument("--launcher", choices=["mpirun", "mlx.launch"], default="mpirun",
+                   help="how 2+ ranks start: mpirun (MPI backend) or mlx.launch (ring backend); "
+                   "results go to results/peer_comparison[_mlx_launch].json")
     a = p.parse_args()
     model = ensure_default_model()
     results = {}
@@ -83,8 +89,8 @@ def main():
                 pair = {}
                 for tool in order:
                     out = Path(tmp) / f"{tool}-{ranks}-{i}"
-                    pair[tool] = (ours(ranks, a.iters, out) if tool == "ours"
-                                  else theirs(ranks, a.iters, out, model))
+                    pair[tool] = (ours(ranks, a.iters, out, a.launcher) if tool == "ours"
+                                  else theirs(ranks, a.iters, out, model, a.launcher))
                     print(f"ranks {ranks} repeat {i} {tool}: "
                           f"{pair[tool]['tokens_per_second']:.0f} tokens/s, "
                           f"{pair[tool]['wall_seconds']:.1f} s", flush=True)
@@ -116,14 +122,16 @@ def main():
         ax.plot(ranks, [results[str(r)][f"{tool}_median_tokens_per_second"] for r in ranks],
                 "o-", label=label)
     ax.set_xticks(ranks)
-    ax.set_xlabel("ranks (mpirun, one machine)")
+    ax.set_xlabel(f"ranks ({a.launcher}, one machine)")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("training tokens/s (median)")
     ax.set_title("LoRA fine-tune of the default model")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(REPO / "benchmarks" / "results" / "tokens_per_second.png", dpi=100)
-    print("saved", save("peer_comparison", {"iters": a.iters, "repeats": a.repeats,
-                                            "results": results}))
+    suffix = "" if a.launcher == "mpirun" else "_mlx_launch"
+    fig.savefig(REPO / "benchmarks" / "results" / f"tokens_per_second{suffix}.png", dpi=100)
+    print("saved", save(f"peer_comparison{suffix}", {"launcher": a.launcher, "iters": a.iters,
+                                                     "repeats": a.repeats, "results": results}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark, one after the other, on an otherwise idle machine (~15 minutes on 2 cores).
-# Results: benchmarks/results/*.json and *.png; copy the printed tables into README.md.
+# Every benchmark, one after the other, on an otherwise idle machine (~17 minutes on 2 cores).
+# Results: benchmarks/results/*.json and *.png; benchmarks/README.md shows the latest tables.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 py="${COURSE_VENV:-../.venv}/bin/python"
@@ -8,3 +8,5 @@ for b in peer_comparison blas all_reduce step_anatomy memory; do
     echo "== $b"
     "$py" "$b.py"
 done
+echo "== peer_comparison under mlx.launch"
+"$py" peer_comparison.py --ranks 2 --launcher mlx.launch
