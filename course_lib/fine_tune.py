@@ -397,10 +397,11 @@ class PhaseTimer:
         self._last = now
 
 
-# Measured on the course's 2-core machine (benchmarks/all_reduce.py, MLX 0.32): one all_sum
-# costs ~20 us under MPI but ~10 ms under the ring backend, whatever its size; the LoRA
-# tree of the default model has 56 arrays, so plain averaging takes ~1 ms under MPI and
-# ~100 ms under the ring, bucketed ~1 ms and ~13 ms.
+# Measured on the course's 2-core machine (benchmarks/all_reduce.py, MLX 0.32; see
+# benchmarks/README.md): one small all_sum costs ~20 us under MPI, while under the ring
+# backend single calls often take 10-20 ms. The default model's LoRA tree has 56 arrays:
+# averaged plain it took ~1.4 ms under MPI and 38-65 ms under the ring; bucketed, ~1.7 ms
+# and 5-9 ms.
 def resolve_all_reduce(choice: str, group) -> str:
     """``plain`` or ``bucketed`` for ``--all-reduce`` ``choice``; ``auto`` picks plain (the
     course's all_reduce_grads) where a call is cheap (MPI, one rank) and bucketed where
@@ -429,11 +430,12 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
     rank's summed token losses and target-token count (lazy ``mx.array`` scalars).
     ``timer`` splits the step's time into phases when enabled.
 
-    With :func:`resolve_compile` true the forward+backward pass and the optimizer update are each an
-    ``mx.compile``d function (as ``mlx_lm``'s trainer compiles its step): MLX fuses their
-    many small element-wise operations into fewer kernels, traced once per batch shape. The
-    all-reduce between them stays plain Python, so the averaging the course teaches is the
-    code that runs, and ``--step-timing`` still sees the three phases apart.
+    When :func:`resolve_compile` says so, the forward+backward pass and the optimizer
+    update are each an ``mx.compile``d function (as ``mlx_lm``'s trainer compiles its
+    step): MLX fuses their many small element-wise operations into fewer kernels, traced
+    once per batch shape. The all-reduce between them stays plain Python, so the averaging
+    the course teaches is the code that runs, and ``--step-timing`` still times each phase
+    apart.
     """
     from mlx_lm.tuner.trainer import default_loss
 
