@@ -46,6 +46,7 @@ from common import save  # benchmarks/common.py
 
 from course_lib import lab as labmod
 from course_lib.lab import SHAPES, Lab, predicted_step_seconds, ring_all_reduce_seconds
+from course_lib.plotting import read_metrics_so_far
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "lab_link_shapes.json"
@@ -144,13 +145,8 @@ def fine_tune_args(folder: Path, iters: int, extra: list[str]) -> list[str]:
 
 
 def train_records(folder: Path) -> dict[int, dict]:
-    path = folder / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return {}
-    recs = [json.loads(x) for x in lines if x.strip().endswith("}")]
-    return {r["iteration"]: r for r in recs if r["split"] == "train"}
+    return {r["iteration"]: r for r in read_metrics_so_far(folder / "metrics.jsonl")
+            if r["split"] == "train"}
 
 
 def step_stats(records: list[dict]) -> dict:

@@ -472,7 +472,8 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
             loss_sum, ntoks = loss_sum + loss, ntoks + n
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
         if timer.enabled and group.size() > 1:
-            timer.lap("wait", dist.all_sum(mx.array(1.0), group))
+            dist.barrier(group)
+            timer.lap("wait")
         if args.loss_weighting == "tokens":
             # Average the token-summed gradients and the token counts in one all-reduce;
             # mean(sum of gradients) / mean(token count) = (all token gradients) / (all

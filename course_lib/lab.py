@@ -57,6 +57,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from course_lib.plotting import read_metrics_so_far
+
 DEFAULT_NAME = "course-lab"
 STATE_ROOT = Path(os.environ.get("COURSE_LAB_STATE", "/run/course_lab"))
 INTERFACE = "lab0"
@@ -688,12 +690,8 @@ class Lab:
         self.set_shape(shapes[0], log=lambda m: None)
 
         def reported() -> dict[int, dict]:
-            try:
-                lines = metrics.read_text().splitlines()
-            except FileNotFoundError:
-                return {}
-            records = [json.loads(x) for x in lines if x.strip().endswith("}")]
-            return {r["iteration"]: r for r in records if r["split"] == "train"}
+            return {r["iteration"]: r for r in read_metrics_so_far(metrics)
+                    if r["split"] == "train"}
 
         started = time.monotonic()
         output: list[str] = []

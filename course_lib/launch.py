@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from course_lib.plotting import read_metrics_so_far
+
 
 def mpirun_command(n: int, *cmd, hostfile: str | None = None,
                    interface: str | None = None) -> list[str]:
@@ -68,14 +70,6 @@ def child_env(**extra: str) -> dict:
 def python_module(module: str, *args) -> list[str]:
     """``[this python, "-m", module, args...]``."""
     return [sys.executable, "-m", module, *[str(a) for a in args]]
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip().endswith("}")]
 
 
 class _Progress:
@@ -146,7 +140,7 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
         while proc.poll() is None:
             output.extend(proc.stdout.readlines())
             if bar:
-                train = [r for r in _read_metrics(metrics) if r["split"] == "train"]
+                train = [r for r in read_metrics_so_far(metrics) if r["split"] == "train"]
                 if train:
                     last = train[-1]
                     bar.update(last["iteration"], f"train loss {last['loss']:.3f}, "

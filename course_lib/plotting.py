@@ -20,6 +20,17 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_metrics_so_far(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` a run may still be writing: ``[]`` while the file
+    does not exist yet, and a last line still being written is left out. Same records as
+    :func:`read_metrics` otherwise."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip().endswith("}")]
+
+
 def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
                      title: str = "Loss", ax=None):
     """Train (solid) and validation (dashed, dots) loss against iteration, one colour per run.
