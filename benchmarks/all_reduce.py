@@ -28,10 +28,10 @@ def tree_worker(repeats: int) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from course_lib.distributed import all_reduce_grads, init_world, print_line
-    from course_lib.tiny_model import ensure_default_model
+    from course_lib.tiny_model import ensure_tiny_model
 
     group, backend = init_world("auto")
-    model, _ = load(str(ensure_default_model()))
+    model, _ = load(str(ensure_tiny_model()))
     model.freeze()
     linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 20.0, "dropout": 0.0})
     batch = mx.random.randint(0, 2000, (4, 97))

@@ -39,7 +39,7 @@ def main():
                     run([PY, "-m", "course_lib.blas", "--matmul"], env=envs[name])[1]
                     .strip().splitlines()[-1]))
                 out = Path(tmp) / f"{name.split()[0]}-{i}"
-                run([PY, "-m", "course_lib.fine_tune", "--no-progress", "--iters", a.iters,
+                run([PY, "-m", "course_lib.fine_tune", "--no-progress", "--model", "tiny", "--iters", a.iters,
                      "--steps-per-eval", 10**6, "--val-batches", 1, "--save-every", 10**6,
                      "--adapter-path", out], env=envs[name])
                 summary = json.loads((out / "summary.json").read_text())

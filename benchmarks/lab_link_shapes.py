@@ -139,7 +139,7 @@ def measure_grad_allreduce(lab: Lab, lora_ranks: list[int], repeats: int) -> dic
 
 
 def fine_tune_args(folder: Path, iters: int, extra: list[str]) -> list[str]:
-    return [PY, "-m", "course_lib.fine_tune", "--no-progress", "--iters", str(iters),
+    return [PY, "-m", "course_lib.fine_tune", "--no-progress", "--model", "tiny", "--iters", str(iters),
             "--steps-per-report", "1", "--steps-per-eval", "100000", "--save-every", "100000",
             "--val-batches", "1", "--step-timing", "--adapter-path", str(folder), *SEQ, *extra]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import PY, REPO, launch, run, save, table
 
-from course_lib.tiny_model import ensure_default_model
+from course_lib.tiny_model import ensure_tiny_model
 
 # hidden, layers, intermediate, heads, kv heads -> ~2M (default), ~20M, ~200M parameters
 SHAPES = {1: None, 10: (512, 6, 1536, 8, 4), 100: (1024, 12, 4096, 16, 8)}
@@ -26,7 +26,7 @@ SHAPES = {1: None, 10: (512, 6, 1536, 8, 4), 100: (1024, 12, 4096, 16, 8)}
 
 def scaled_model(factor: int, folder: Path) -> Path:
     """The default model's folder, or a random-weight copy of its architecture ~factor x."""
-    base = ensure_default_model()
+    base = ensure_tiny_model()
     if SHAPES[factor] is None:
         return base
     import mlx.core as mx

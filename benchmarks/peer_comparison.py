@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import PY, REPO, blas, child_env, launch, median, run, save, table
 
-from course_lib.tiny_model import ensure_default_model
+from course_lib.tiny_model import ensure_tiny_model
 
 DATA = REPO / "data-sets" / "pirate"
 
@@ -37,7 +37,7 @@ def env_for(ranks: int) -> dict:
 
 
 def ours(ranks: int, iters: int, out: Path, launcher: str = "mpirun") -> dict:
-    cmd = [PY, "-m", "course_lib.fine_tune", "--no-progress", "--iters", iters,
+    cmd = [PY, "-m", "course_lib.fine_tune", "--no-progress", "--model", "tiny", "--iters", iters,
            "--batch-size", 8, "--learning-rate", 5e-4, "--lora-rank", 8, "--lora-scale", 20,
            "--num-layers", -1, "--steps-per-report", 10, "--steps-per-eval", 10**6,
            "--val-batches", 1, "--save-every", 10**6, "--max-seq-length", 512, "--seed", 0,
@@ -79,7 +79,7 @@ def main():
                    help="how 2+ ranks start: mpirun (MPI backend) or mlx.launch (ring backend); "
                    "results go to results/peer_comparison[_mlx_launch].json")
     a = p.parse_args()
-    model = ensure_default_model()
+    model = ensure_tiny_model()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in [int(r) for r in a.ranks.split(",")]:

@@ -37,7 +37,7 @@ def main():
             for ranks in (1, 2):
                 key = f"{ranks} {'compiled' if compiled else 'not compiled'}"
                 out = Path(tmp) / key.replace(" ", "-")
-                run(launch(ranks, [PY, "-m", "course_lib.fine_tune", "--no-progress",
+                run(launch(ranks, [PY, "-m", "course_lib.fine_tune", "--no-progress", "--model", "tiny",
                                    "--step-timing", "--iters", a.iters,
                                    "--steps-per-eval", 10**6, "--val-batches", 1,
                                    "--save-every", 10**6, "--all-reduce", a.all_reduce,

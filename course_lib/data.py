@@ -274,14 +274,14 @@ def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
 
 
 def load_tokenizer(name: str):
-    """A tokenizer by model path or Hugging Face id; ``default`` is the course's default
-    model (built on first use). Returns ``mlx_lm``'s ``TokenizerWrapper``."""
+    """A tokenizer by course model name (``smollm2``, ``tiny``; ``default`` is the course's
+    model, smollm2), model folder or Hugging Face id; named models are built on first use.
+    Returns ``mlx_lm``'s ``TokenizerWrapper``."""
     from mlx_lm.utils import load_tokenizer as _load
 
-    if name == "default":
-        from course_lib.tiny_model import ensure_default_model
+    from course_lib.models import resolve
 
-        name = ensure_default_model()
+    name = resolve("smollm2" if name == "default" else name)
     return _load(Path(name) if Path(name).exists() else name)
 
 
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.0, help="test share (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     parser.add_argument("--max-tokens", type=int, help="drop rows longer than this many tokens")
-    parser.add_argument("--tokenizer", help="model folder or Hub id whose tokenizer counts tokens; "
-                        "'default' is the course's default model")
+    parser.add_argument("--tokenizer", help="whose tokenizer counts tokens: smollm2 (the course's "
+                        "model; 'default' means it too), tiny, a model folder or a Hub id")
     parser.add_argument("--skip-invalid", action="store_true", help="skip and count bad rows instead of stopping")
     parser.add_argument("--download", metavar="DIR", help="download the full dataset into DIR and exit")
     args = parser.parse_args(argv)

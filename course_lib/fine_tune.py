@@ -71,30 +71,41 @@ class UsageError(ValueError):
 
 # ----------------------------------------------------------------------------- options
 
+def _option_text(key: str, value) -> str:
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; option names and meanings follow ``mlx_lm.lora``."""
     p = argparse.ArgumentParser(
         prog="python -m course_lib.fine_tune",
         description="LoRA fine-tuning with explicit gradient averaging across ranks.",
+        epilog="Options left out come from the model's recipe: " + "; ".join(
+            f"{name}: " + ", ".join(_option_text(k, v) for k, v in r.items() if v is not None)
+            for name, r in RECIPES.items()) + ".",
     )
     a = p.add_argument
-    a("--model", help="model folder or Hugging Face id (default: the course's tiny model, "
-      "built on first use)")
+    a("--model", default="smollm2",
+      help="smollm2 (default: the course's SmolLM2-135M-Instruct; smollm2:4bit, "
+      "smollm2:bfloat16 pick its weights), tiny (the 2M-parameter test model), a model "
+      "folder or a Hugging Face id; named models are built on first use")
     a("--data", default=None, help="folder with train.jsonl and valid.jsonl "
       f"(default: {DEFAULT_DATA.relative_to(REPO_ROOT)} in the course repository)")
     a("--fine-tune-type", choices=["lora", "dora", "full"], default="lora")
     a("--num-layers", type=int, default=None,
-      help="how many of the last layers get adapters; -1 for all (default: 16 or all, "
-      "whichever is fewer)")
-    a("--batch-size", type=int, default=8,
-      help="GLOBAL batch in rows; each of N ranks takes batch/N (default 8)")
-    a("--iters", type=int, default=200, help="optimizer steps (default 200)")
-    a("--val-batches", type=int, default=-1,
-      help="validation batches per evaluation; -1 for the whole set (default)")
-    a("--learning-rate", type=float, default=5e-4, help="Adam learning rate (default 5e-4)")
-    a("--steps-per-report", type=int, default=10, help="steps between train-loss reports")
-    a("--steps-per-eval", type=int, default=50, help="steps between validations")
-    a("--save-every", type=int, default=100, help="steps between checkpoints")
+      help="how many of the last layers get adapters; -1 for all (default: the recipe's)")
+    a("--batch-size", type=int,
+      help="GLOBAL batch in rows; each of N ranks takes batch/N (default: the recipe's, 8)")
+    a("--iters", type=int, help="optimizer steps (default: the recipe's)")
+    a("--val-batches", type=int,
+      help="validation batches per evaluation; -1 for the whole set (default: the recipe's)")
+    a("--learning-rate", type=float, help="Adam learning rate (default: the recipe's)")
+    a("--steps-per-report", type=int, help="steps between train-loss reports")
+    a("--steps-per-eval", type=int, help="steps between validations")
+    a("--save-every", type=int, help="steps between checkpoints")
     a("--adapter-path", default=DEFAULT_ADAPTER_PATH,
       help=f"output folder (default {DEFAULT_ADAPTER_PATH})")
     a("--resume-adapter-file", help="start from these adapter weights (.safetensors); a "
@@ -103,15 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
       help="continue exactly from the newest complete checkpoint in --adapter-path")
     a("--step-timeout", type=float, default=300.0,
       help="exit when no step finishes for this many seconds (a hung peer rank); 0: never")
-    a("--max-seq-length", type=int, default=512,
+    a("--max-seq-length", type=int,
       help="longer rows are truncated (with a warning); filter them with "
       "`python -m course_lib.data --max-tokens` instead")
     a("--grad-checkpoint", action="store_true", help="recompute activations to save memory")
     a("--grad-accumulation-steps", type=int, default=1,
       help="micro-batches per optimizer step (default 1)")
     a("--seed", type=int, default=0, help="seed for LoRA init and data order")
-    a("--mask-prompt", action="store_true", help="train on the assistant turn only")
-    a("--lora-rank", type=int, default=8, help="rank r of the LoRA matrices (default 8)")
+    a("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
+      help="train on the assistant turn only (default: the recipe's)")
+    a("--lora-rank", type=int, help="rank r of the LoRA matrices (default: the recipe's)")
     a("--lora-alpha", type=float, default=None,
       help="LoRA alpha; sets scale = alpha / rank (Hu et al. 2021); exclusive with --lora-scale")
     a("--lora-scale", type=float, default=None,
@@ -134,6 +146,44 @@ def build_parser() -> argparse.ArgumentParser:
       "GPU yes, on a CPU no (measured no faster there: benchmarks/README.md)")
     a("--no-progress", action="store_true", help="no progress bar, report lines only")
     return p
+
+
+# The default recipe of each course model: what an option left out means. A folder or Hub
+# id gets "other". Chosen by measurement on a 2-core laptop CPU (see README "Performance"
+# and chapter 4): for smollm2 the style change is plain after a few dozen steps while the
+# answers stay coherent, and the 2-rank default run stays within 5 minutes.
+RECIPES = {
+    "smollm2": {"num_layers": 8, "lora_rank": 8, "learning_rate": 5e-4, "iters": 24,
+                "batch_size": 8, "max_seq_length": 512, "mask_prompt": True,
+                "steps_per_report": 4, "steps_per_eval": 12, "val_batches": 2,
+                "save_every": 12},
+    "tiny": {"num_layers": -1, "lora_rank": 8, "learning_rate": 5e-4, "iters": 200,
+             "batch_size": 8, "max_seq_length": 512, "mask_prompt": False,
+             "steps_per_report": 10, "steps_per_eval": 50, "val_batches": -1,
+             "save_every": 100},
+    "other": {"num_layers": None, "lora_rank": 8, "learning_rate": 5e-4, "iters": 200,
+              "batch_size": 8, "max_seq_length": 512, "mask_prompt": False,
+              "steps_per_report": 10, "steps_per_eval": 50, "val_batches": -1,
+              "save_every": 100},
+}
+
+
+def recipe_for(model: str) -> tuple[str, dict]:
+    """``(name, recipe)`` of the default recipe for ``--model`` ``model``."""
+    name = model.partition(":")[0]
+    return (name, RECIPES[name]) if name in RECIPES and name != "other" else \
+        ("other", RECIPES["other"])
+
+
+def apply_recipe(args) -> str:
+    """Fill every option left out (``None``) from the model's recipe (:data:`RECIPES`);
+    ``other`` leaves ``num_layers`` to :func:`add_adapters` (16 or all, whichever is
+    fewer). Returns the recipe's name. Idempotent."""
+    name, recipe = recipe_for(args.model)
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None and value is not None:
+            setattr(args, key, value)
+    return name
 
 
 def resolve_lora_parameters(args) -> dict:
@@ -181,32 +231,35 @@ def check_options(args, world_size: int) -> None:
 
 # ----------------------------------------------------------------------------- inputs
 
-def load_model(name: str | None):
-    """``(model, tokenizer, model_id)``: ``mlx_lm.load`` of ``name`` or the default model.
+def load_model(name: str):
+    """``(model, tokenizer, model_path)``: ``mlx_lm.load`` of model ``name``.
 
-    Raises :class:`UsageError` for a folder without ``config.json`` or weights, or a Hub id
-    that cannot be fetched (offline).
+    ``name`` is a course model (``smollm2[:DTYPE]``, ``tiny``: see :mod:`course_lib.models`,
+    built on first use), a model folder, or a Hugging Face id. ``model_path`` is what
+    ``mlx_lm.load`` loaded: the folder, or the Hub id. Raises :class:`UsageError` for a
+    course model that cannot be built, a folder without ``config.json`` or weights, or a
+    Hub id that cannot be fetched (offline).
     """
     from mlx_lm import load
 
-    if name is None:
-        from course_lib.tiny_model import ensure_default_model
+    from course_lib.models import ModelError, resolve
 
-        path = ensure_default_model(log=lambda m: dist.eprint0(m))
-        model, tokenizer = load(str(path))
-        return model, tokenizer, f"course_lib default ({path.name})"
-    p = Path(name)
+    try:
+        path = resolve(name, log=lambda m: dist.eprint0(m))
+    except ModelError as e:
+        raise UsageError(f"--model {name}: {e}") from e
+    p = Path(path)
     if p.exists():
         if not (p / "config.json").is_file():
             raise UsageError(f"--model {name}: no config.json in that folder")
         if not any(p.glob("*.safetensors")):
             raise UsageError(f"--model {name}: no *.safetensors weights in that folder")
     try:
-        model, tokenizer = load(name)
+        model, tokenizer = load(path)
     except Exception as e:  # mlx_lm/huggingface_hub raise many kinds
         raise UsageError(f"--model {name}: could not load it ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    return model, tokenizer, name
+    return model, tokenizer, str(p.resolve()) if p.exists() else path
 
 
 def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int):
@@ -796,6 +849,7 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     group, backend = dist.init_world(args.backend)
     size, rank = group.size(), group.rank()
+    recipe = apply_recipe(args)
     check_options(args, size)
 
     def log(msg, bar=None):
@@ -844,12 +898,14 @@ def run(args) -> dict:
     log(f"{backend} backend, world size {size}: global batch {args.batch_size}, "
         f"{args.batch_size // size} rows per rank; {len(train_rows)} train / "
         f"{len(valid_rows)} valid rows")
+    log(f"Recipe {recipe}: {args.iters} steps, learning rate {args.learning_rate:g}, "
+        f"LoRA rank {args.lora_rank}, mask prompt {'on' if args.mask_prompt else 'off'}")
     log(f"Trainable parameters: {100 * n_train / n_total:.3f}% "
         f"({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M), {args.fine_tune_type}, "
         f"{num_layers} layers")
 
     config = dict(vars(args))
-    config.update(model=model_id if args.model is None else args.model,
+    config.update(model=model_id, model_name=args.model,
                   data=str(args.data) if args.data else "default sample (data-sets/pirate)",
                   num_layers=num_layers, lora_parameters=lora_parameters,
                   world_size=size, backend=backend)

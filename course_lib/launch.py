@@ -105,6 +105,15 @@ class _Progress:
             self.tqdm.close()
 
 
+def _iterations(args) -> int:
+    """How many steps a fine-tune with options ``args`` runs (its recipe fills the rest)."""
+    from course_lib.fine_tune import apply_recipe, build_parser
+
+    ns, _ = build_parser().parse_known_args([str(a) for a in args])
+    apply_recipe(ns)
+    return ns.iters
+
+
 def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpirun",
                   args: tuple | list = (), progress: bool = True, poll_seconds: float = 0.5,
                   timeout: float | None = None, env_extra: dict | None = None) -> dict:
@@ -127,7 +136,7 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
             cmd = mlx_launch_command(ranks, *cmd)
         else:
             raise ValueError(f"launcher must be 'mpirun' or 'mlx.launch', got {launcher!r}")
-    iters = int(args[list(args).index("--iters") + 1]) if "--iters" in args else 200
+    iters = _iterations(args)
     metrics = adapter_path / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()  # so the bar does not show the previous run's records

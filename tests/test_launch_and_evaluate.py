@@ -72,7 +72,7 @@ def test_bandwidth_table_on_two_ranks():
     assert bad.returncode != 0 and "is not like 4KiB" in bad.stderr
 
 
-def test_run_fine_tune_returns_summary_and_raises_on_failure(tmp_path, default_model):
+def test_run_fine_tune_returns_summary_and_raises_on_failure(tmp_path, tiny_model):
     summary = launch.run_fine_tune(tmp_path / "ok", ranks=1, progress=False,
                                    args=["--iters", "3", "--steps-per-eval", "100",
                                          "--val-batches", "1", "--step-timing"])
@@ -88,3 +88,16 @@ def test_pirate_word_share():
     assert evaluate.pirate_word_share("") == 0.0
     # arr, ye, matey, sailin' are pirate; be, the, sea are plain English too.
     assert evaluate.pirate_word_share("Arr, ye be sailin' the sea, matey!") == pytest.approx(4 / 7)
+
+
+def test_held_out_prompts_ask_nothing_the_data_asks():
+    """The before/after questions are new to the fine-tune: no row of data-sets/ holds
+    them, or even their topics."""
+    from conftest import REPO
+
+    text = " ".join(p.read_text(encoding="utf-8").lower()
+                    for p in (REPO / "data-sets").rglob("*.jsonl"))
+    for prompt in evaluate.HELD_OUT_PROMPTS:
+        assert prompt.lower() not in text
+    for topic in ("black hole", "interest rates", "passport", "paper airplane"):
+        assert topic not in text, topic

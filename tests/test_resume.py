@@ -23,7 +23,7 @@ def _max_weight_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, default_model):
+def uninterrupted(tmp_path_factory, tiny_model):
     out = tmp_path_factory.mktemp("uninterrupted")
     run(mpirun(2, *fine_tune_cmd(*ARGS, "--adapter-path", out)))
     return out
@@ -64,7 +64,7 @@ def test_killed_rank_then_killed_save_then_resume_equals_uninterrupted(tmp_path,
 
 
 @pytest.mark.distributed
-def test_ring_rank_death_is_reported_by_run_fine_tune(tmp_path, default_model):
+def test_ring_rank_death_is_reported_by_run_fine_tune(tmp_path, tiny_model):
     """mlx.launch itself exits 0 when a rank dies; run_fine_tune closes that gap."""
     tic = time.monotonic()
     with pytest.raises(RuntimeError, match=r"rank 1 exited with code -9"):
@@ -74,7 +74,7 @@ def test_ring_rank_death_is_reported_by_run_fine_tune(tmp_path, default_model):
 
 
 @pytest.mark.distributed
-def test_a_stopped_rank_ends_the_run_within_the_step_timeout(tmp_path, default_model):
+def test_a_stopped_rank_ends_the_run_within_the_step_timeout(tmp_path, tiny_model):
     proc, seconds = _timed(mpirun(2, *fine_tune_cmd(*ARGS, "--step-timeout", "5",
                                                     "--adapter-path", tmp_path)),
                            {"COURSE_LIB_FAULT": "stop-rank-1@3"})
@@ -82,7 +82,7 @@ def test_a_stopped_rank_ends_the_run_within_the_step_timeout(tmp_path, default_m
     assert "no step finished for 5 s" in proc.stderr
 
 
-def test_resume_from_one_rank_checkpoint_matches(tmp_path, default_model):
+def test_resume_from_one_rank_checkpoint_matches(tmp_path, tiny_model):
     full, part = tmp_path / "full", tmp_path / "part"
     run(fine_tune_cmd(*ARGS, "--iters", "8", "--adapter-path", full))
     run(fine_tune_cmd(*ARGS, "--iters", "4", "--adapter-path", part))
@@ -115,7 +115,7 @@ def test_world_size_may_change_where_it_does_not_matter(tmp_path, uninterrupted)
     (["--batch-size", "4"], "batch_size: 8 -> 4"),
     (["--iters", "4"], "--iters 4: the checkpoint is already at iteration 4"),
 ])
-def test_resume_refuses_settings_that_cannot_continue(tmp_path, default_model, change, message):
+def test_resume_refuses_settings_that_cannot_continue(tmp_path, tiny_model, change, message):
     run(fine_tune_cmd(*ARGS, "--iters", "4", "--adapter-path", tmp_path))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     proc = run(fine_tune_cmd(*ARGS, *change, "--resume", "--adapter-path", tmp_path), check=False)
@@ -123,7 +123,7 @@ def test_resume_refuses_settings_that_cannot_continue(tmp_path, default_model, c
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_resume_without_checkpoint_and_bad_adapter_files(tmp_path, default_model):
+def test_resume_without_checkpoint_and_bad_adapter_files(tmp_path, tiny_model):
     proc = run(fine_tune_cmd(*ARGS, "--resume", "--adapter-path", tmp_path / "new"), check=False)
     assert proc.returncode == 2 and "--resume: no complete checkpoint" in proc.stderr
     assert not (tmp_path / "new").exists()
@@ -136,12 +136,12 @@ def test_resume_without_checkpoint_and_bad_adapter_files(tmp_path, default_model
 
 
 @pytest.mark.parametrize("case", ["no config", "bad weights"])
-def test_bad_model_folders_are_named(tmp_path, default_model, case):
+def test_bad_model_folders_are_named(tmp_path, tiny_model, case):
     model = tmp_path / "model"
     model.mkdir()
     if case == "bad weights":
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-            (model / name).write_bytes((default_model / name).read_bytes())
+            (model / name).write_bytes((tiny_model / name).read_bytes())
         mx.save_safetensors(str(model / "model.safetensors"), {"nonsense": mx.zeros((2,))})
     proc = run(fine_tune_cmd(*ARGS, "--model", model, "--adapter-path", tmp_path / "out"),
                check=False)
