@@ -5,7 +5,7 @@ import time
 
 import mlx.core as mx
 import pytest
-from conftest import fine_tune_cmd, mlx_launch, mpirun, read_train_losses, run
+from conftest import fine_tune_cmd, mpirun, read_train_losses, run
 
 from course_lib import checkpoint, launch
 

@@ -1,0 +1,65 @@
+"""LoRA fine-tuning on one or many ranks, with the gradient averaging in plain sight.
+
+Run it as one process, or as N ranks under ``mpirun -np N`` (MPI backend) or
+``mlx.launch -n N`` (ring backend)::
+
+    python -m course_lib.fine_tune                       # SmolLM2 and the sample data
+    mpirun -np 2 python -m course_lib.fine_tune --adapter-path adapters/two
+
+``--batch-size`` is the *global* batch: each of the N ranks takes ``batch/N`` of its rows.
+Every step, each rank computes the loss gradient on its share, the gradients are averaged
+with an all-reduce (:func:`course_lib.distributed.all_reduce_grads`), and every rank
+applies the same Adam update. So 1 rank and N ranks with the same seed follow the same loss
+curve up to float rounding: the course's central claim.
+
+Token weighting: the loss is a mean over target tokens and ranks rarely hold the same number
+of them. With ``--loss-weighting tokens`` (the default) each rank all-reduces its *sum* of
+token gradients together with its token count and divides the one by the other, which gives
+exactly the 1-rank gradient, in the same single all-reduce. ``--loss-weighting ranks`` is
+the plain mean of per-rank means (what ``mlx_lm.lora`` does), which differs slightly on
+uneven data.
+
+Model loading, LoRA layers, datasets, batching, the loss and validation are ``mlx_lm``'s
+(``mlx_lm.load``, ``linear_to_lora_layers``, ``create_dataset``, ``iterate_batches``,
+``default_loss``, ``evaluate``); the loop and the averaging are ours.
+
+Writes into ``--adapter-path`` (rank 0 only): ``adapters.safetensors`` and
+``adapter_config.json`` (loadable by ``mlx_lm.load(model, adapter_path=...)`` and
+``mlx_lm.generate --adapter-path``), ``NNNNNNN_adapters.safetensors`` checkpoints,
+``metrics.jsonl``, ``loss.png`` and ``summary.json``.
+
+The package, one job a module: ``options`` (the command line and each model's recipe),
+``inputs`` (model, data, adapters), ``batches`` (the global batch order, each rank's share),
+``step`` (gradients, all-reduce, update), ``loop`` (steps, reports, validation,
+checkpoints), ``outputs`` (what rank 0 writes), ``faults`` (dead and hung ranks) and ``cli``
+(``run`` and ``main``).
+"""
+
+from __future__ import annotations
+
+# Light on purpose: ``python -m course_lib.fine_tune`` imports this package before its
+# __main__ switches BLAS (course_lib.blas), which must happen before MLX loads. So the
+# names below are imported from their modules on first use (PEP 562).
+_EXPORTS = {
+    "options": ["UsageError", "build_parser", "RECIPES", "recipe_for", "apply_recipe",
+                "resolve_lora_parameters", "check_options", "DEFAULT_DATA",
+                "DEFAULT_ADAPTER_PATH"],
+    "inputs": ["load_model", "load_split", "load_data", "add_adapters", "load_resume_weights"],
+    "outputs": ["Outputs", "METRICS_FILE", "SUMMARY_FILE", "PLOT_FILE", "ADAPTER_FILE",
+                "CONFIG_FILE"],
+    "step": ["PhaseTimer", "resolve_all_reduce", "resolve_compile", "make_step"],
+    "batches": ["GlobalBatches", "pad_batch"],
+    "faults": ["Watchdog", "peer_lost_message", "maybe_fault"],
+    "loop": ["train", "validation_loss"],
+    "cli": ["run", "main", "run_settings", "resume_point"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'course_lib.fine_tune' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"course_lib.fine_tune.{_WHERE[name]}"), name)

@@ -1,0 +1,135 @@
+"""What a fine-tune reads: the model (``mlx_lm.load``), the data (``mlx_lm``'s dataset
+classes, after :mod:`course_lib.data` validated every row), the adapters it adds
+(``mlx_lm``'s ``linear_to_lora_layers``) and weights to start from."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from course_lib import distributed as dist
+from course_lib.data import read_records
+from course_lib.fine_tune.options import UsageError, resolve_lora_parameters
+
+
+def load_model(name: str):
+    """``(model, tokenizer, model_path)``: ``mlx_lm.load`` of model ``name``.
+
+    ``name`` is a course model (``smollm2[:DTYPE]``, ``tiny``: see :mod:`course_lib.models`,
+    built on first use), a model folder, or a Hugging Face id. ``model_path`` is what
+    ``mlx_lm.load`` loaded: the folder, or the Hub id. Raises :class:`UsageError` for a
+    course model that cannot be built, a folder without ``config.json`` or weights, or a
+    Hub id that cannot be fetched (offline).
+    """
+    from mlx_lm import load
+
+    from course_lib.models import ModelError, resolve
+
+    try:
+        path = resolve(name, log=lambda m: dist.eprint0(m))
+    except ModelError as e:
+        raise UsageError(f"--model {name}: {e}") from e
+    p = Path(path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"--model {name}: no config.json in that folder")
+        if not any(p.glob("*.safetensors")):
+            raise UsageError(f"--model {name}: no *.safetensors weights in that folder")
+    try:
+        model, tokenizer = load(path)
+    except Exception as e:  # mlx_lm/huggingface_hub raise many kinds
+        raise UsageError(f"--model {name}: could not load it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    return model, tokenizer, str(p.resolve()) if p.exists() else path
+
+
+def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int):
+    """Tokenized rows ``[(token_ids, prompt_offset), ...]`` of one JSONL split.
+
+    Rows are validated by :func:`course_lib.data.read_records` (errors name file and line),
+    then tokenized by ``mlx_lm``'s dataset classes (chat template for chat records). Rows
+    longer than ``max_seq_length`` are truncated; returns ``(rows, n_truncated)``.
+    """
+    from mlx_lm.tuner.datasets import create_dataset
+
+    records = read_records(path).records
+    config = types.SimpleNamespace(mask_prompt=mask_prompt)
+    dataset = create_dataset(records, tokenizer, config)
+    rows, truncated = [], 0
+    for i in range(len(dataset)):
+        tokens, offset = dataset.process(dataset[i])
+        if len(tokens) > max_seq_length:
+            tokens, truncated = tokens[:max_seq_length], truncated + 1
+        rows.append((tokens, offset))
+    return rows, truncated
+
+
+def load_data(data_dir: Path, tokenizer, args):
+    """``(train_rows, valid_rows)`` from ``data_dir``; ``valid_rows`` may be empty.
+
+    Raises :class:`UsageError` when the folder or ``train.jsonl`` is missing or either split
+    is smaller than the global batch.
+    """
+    if not data_dir.is_dir():
+        raise UsageError(f"--data {data_dir}: no such folder (it should hold train.jsonl and "
+                         "valid.jsonl; make them with `python -m course_lib.data RAW OUT_DIR`)")
+    if not (data_dir / "train.jsonl").is_file():
+        raise UsageError(f"--data {data_dir}: no train.jsonl in that folder")
+    train, cut = load_split(data_dir / "train.jsonl", tokenizer, args.mask_prompt,
+                            args.max_seq_length)
+    valid, cut_v = [], 0
+    if (data_dir / "valid.jsonl").is_file():
+        valid, cut_v = load_split(data_dir / "valid.jsonl", tokenizer, args.mask_prompt,
+                                  args.max_seq_length)
+    else:
+        dist.eprint0(f"warning: no {data_dir / 'valid.jsonl'}; training without validation")
+    if cut or cut_v:
+        dist.eprint0(f"warning: {cut + cut_v} rows are longer than --max-seq-length "
+                     f"{args.max_seq_length} and were truncated; drop them instead with "
+                     "`python -m course_lib.data ... --max-tokens`")
+    for name, rows in (("train", train), ("valid", valid)):
+        if rows and len(rows) < args.batch_size:
+            raise UsageError(f"{data_dir / (name + '.jsonl')} has {len(rows)} rows, fewer than "
+                             f"--batch-size {args.batch_size}")
+    return train, valid
+
+
+def add_adapters(model, args) -> tuple[int, dict | None]:
+    """Freeze ``model`` and make its last ``num_layers`` layers trainable (LoRA/DoRA via
+    ``mlx_lm``'s ``linear_to_lora_layers``, or the full layers). Returns
+    ``(num_layers, lora_parameters)``; raises :class:`UsageError` for too many layers."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n_model = len(model.layers)
+    n = args.num_layers
+    if n is None:
+        n = min(16, n_model)
+    elif n == -1:
+        n = n_model
+    if n < 1 or n > n_model:
+        raise UsageError(f"--num-layers {args.num_layers}: the model has {n_model} layers "
+                         "(use 1 to that, or -1 for all)")
+    model.freeze()
+    if args.fine_tune_type == "full":
+        for layer in model.layers[-n:]:
+            layer.unfreeze()
+        return n, None
+    params = resolve_lora_parameters(args)
+    linear_to_lora_layers(model, n, params, use_dora=args.fine_tune_type == "dora")
+    return n, params
+
+
+def load_resume_weights(model, path: str) -> None:
+    """Load adapter weights to continue from; raises :class:`UsageError` when they do not
+    fit the model's trainable parameters (names or shapes)."""
+    weights = mx.load(path)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    bad = [f"{k} {tuple(v.shape)}" for k, v in weights.items()
+           if k not in trainable or trainable[k].shape != v.shape]
+    if bad:
+        raise UsageError(f"--resume-adapter-file {path} does not fit this model and LoRA "
+                         f"setting: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    model.load_weights(list(weights.items()), strict=False)
