@@ -59,6 +59,42 @@ def test_compiled_step_with_phase_timing_follows_it_too(one_rank_run, tmp_path):
     assert all(v >= 0 for v in phases.values()) and phases["forward_backward"] > 0
 
 
+def test_scored_logits_give_mlx_lms_loss_and_gradients(tiny_model, sample_data):
+    """--loss scored (logits only where a token is scored) computes default_loss's value
+    and gradients, on prompt-masked rows of different lengths."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.trainer import default_loss
+
+    from course_lib.fine_tune import add_adapters, apply_recipe, build_parser, load_data
+    from course_lib.fine_tune.batches import pad_batch
+    from course_lib.fine_tune.loss import scored_loss
+
+    args = build_parser().parse_args(["--model", "tiny", "--mask-prompt"])
+    apply_recipe(args)
+    model, tokenizer = load(str(tiny_model))
+    train, _ = load_data(sample_data, tokenizer, args)
+    add_adapters(model, args)
+    batch = pad_batch(train[:6], 512)  # file order: lengths differ, so padding is real
+    assert int((batch[1][:, 1] < batch[0].shape[1]).sum()) >= 3
+    (ref, n_ref), g_ref = nn.value_and_grad(model, default_loss)(model, *batch)
+    (ours, n), g = nn.value_and_grad(model, scored_loss)(model, *batch)
+    assert n.item() == n_ref.item() > 0
+    assert abs(ours.item() - ref.item()) < 1e-6 * ref.item()
+    worst = max(mx.abs(a - b).max().item() / (mx.abs(a).max().item() + 1e-12)
+                for (_, a), (_, b) in zip(tree_flatten(g_ref), tree_flatten(g)))
+    assert worst < 1e-4
+
+
+def test_loss_all_follows_the_scored_curve(one_rank_run, tmp_path):
+    run(fine_tune_cmd(*SHORT, "--loss", "all", "--adapter-path", tmp_path))
+    assert _max_rel_diff(read_train_losses(one_rank_run), read_train_losses(tmp_path)) < 1e-4
+    assert json.loads((tmp_path / "summary.json").read_text())["loss"] == "all"
+    assert json.loads((one_rank_run / "summary.json").read_text())["loss"] == "scored"
+
+
 @pytest.mark.distributed
 def test_mean_of_rank_means_drifts_token_weighting_does_not(one_rank_run, tmp_path):
     """The design's token-weighting lesson: mlx_lm's plain mean of per-rank means is not the

@@ -28,14 +28,16 @@ class GlobalBatches:
         self.epoch_order: list[int] = []
         self.position = 0
 
-    def next(self, rank: int, size: int, max_seq_length: int):
-        """This rank's share of the next global batch, padded: ``(tokens, lengths)``."""
+    def next(self, rank: int, size: int, max_seq_length: int, pad_multiple: int = 32):
+        """This rank's share of the next global batch, padded (:func:`pad_batch`):
+        ``(tokens, lengths)``."""
         if self.position >= len(self.epoch_order):
             self.epoch_order = self.rng.permutation(len(self.batches)).tolist()
             self.position = 0
         batch = self.batches[self.epoch_order[self.position]]
         self.position += 1
-        return pad_batch([self.rows[i] for i in batch[rank::size]], max_seq_length)
+        return pad_batch([self.rows[i] for i in batch[rank::size]], max_seq_length,
+                         pad_multiple)
 
     def state(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "epoch_order": self.epoch_order,
@@ -46,14 +48,21 @@ class GlobalBatches:
         self.epoch_order, self.position = state["epoch_order"], state["position"]
 
 
-def pad_batch(rows: list, max_seq_length: int):
+def pad_batch(rows: list, max_seq_length: int, multiple: int = 32):
     """``(tokens (B, L) int32, lengths (B, 2) [prompt offset, length])`` for ``default_loss``.
 
-    Padded with zeros to one more than a multiple of 32 (``mlx_lm``'s rule: few distinct
-    shapes), at most ``max_seq_length``.
+    Padded with zeros to one more than a multiple of ``multiple``, at most
+    ``max_seq_length``: ``mlx_lm``'s rule with 32, which keeps the shapes few for
+    ``mx.compile`` (each shape is traced once); with 1, one position past the longest row.
+    That one position matters: ``default_loss`` scores targets up to and including step
+    ``length``, one past each row's last token, so every row is also trained to predict
+    the padding token 0 after its end (``mlx_lm`` 0.32's rule, kept here so both tools
+    compute the same loss), and a row that filled the whole width would lose that target.
+    On the course's data at global batch 8, the rule of 32 pads to 1.13x the real tokens
+    and the rule of 1 to 1.01x: 10% less work for every layer when nothing is compiled.
     """
     lengths = [min(len(tokens), max_seq_length) for tokens, _ in rows]
-    width = min(1 + 32 * math.ceil(max(lengths) / 32), max_seq_length)
+    width = min(1 + multiple * math.ceil(max(lengths) / multiple), max_seq_length)
     arr = np.zeros((len(rows), width), np.int32)
     for j, ((tokens, _), n) in enumerate(zip(rows, lengths)):
         arr[j, :n] = tokens[:n]

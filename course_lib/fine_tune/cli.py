@@ -164,6 +164,7 @@ def run(args) -> dict:
         "loss_weighting": args.loss_weighting,
         "all_reduce": resolve_all_reduce(args.all_reduce, group),
         "compiled": resolve_compile(args.compile),
+        "loss": "all" if resolve_compile(args.compile) else args.loss,
         "seconds": time.perf_counter() - t_start,
         "train_seconds": stats["train_seconds"],
         "train_tokens": stats["train_tokens"],

@@ -7,26 +7,34 @@ import sys
 import time
 
 import mlx.core as mx
-import numpy as np
 
 from course_lib import distributed as dist
 from course_lib.fine_tune.batches import GlobalBatches
 from course_lib.fine_tune.faults import Watchdog, maybe_fault
 from course_lib.fine_tune.outputs import Outputs
-from course_lib.fine_tune.step import PhaseTimer, make_step
+from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
 
 
-def validation_loss(model, valid_rows, args) -> float:
-    """Mean token loss over ``--val-batches`` global batches of the validation rows,
-    summed over all ranks (``mlx_lm``'s ``evaluate``). The same batches every time (numpy's
-    global seed is set first), so evaluations are comparable. Leaves the model training."""
-    from mlx_lm.tuner.trainer import evaluate
-
-    np.random.seed(args.seed)
-    loss = evaluate(model, valid_rows, batch_size=args.batch_size,
-                    num_batches=args.val_batches, max_seq_length=args.max_seq_length)
+def validation_loss(model, valid_rows, args, group) -> float:
+    """Mean token loss over ``--val-batches`` global batches of the validation rows (all
+    of them for -1): each rank scores its share of each batch and the token losses and
+    counts are summed over the ranks, so every world size gives the same number. The same
+    batches every time (a fresh :class:`GlobalBatches` from the seed: its first epoch's
+    order), with the step's loss (``--loss``) and padding. Leaves the model training."""
+    loss_fn = training_loss(args, model)
+    batches = GlobalBatches(valid_rows, args.batch_size, args.seed)
+    n = len(batches.batches) if args.val_batches == -1 else min(args.val_batches,
+                                                                  len(batches.batches))
+    total, count = mx.array(0.0), mx.array(0)
+    model.eval()
+    for _ in range(n):
+        loss, ntoks = loss_fn(model, *batches.next(group.rank(), group.size(),
+                                                   args.max_seq_length, pad_multiple(args)))
+        total, count = total + loss * ntoks, count + ntoks
+        mx.eval(total, count)
     model.train()
-    return loss
+    totals = dist.all_sum(mx.stack([total, count.astype(mx.float32)]), group)
+    return totals[0].item() / totals[1].item()
 
 
 def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Outputs, log,
@@ -62,7 +70,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         if not valid_rows:
             return
         tic = time.perf_counter()
-        loss = validation_loss(model, valid_rows, args)
+        loss = validation_loss(model, valid_rows, args, group)
         record("valid", it, loss, seconds=time.perf_counter() - tic)
         log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)", bar)
         watchdog.beat()
@@ -81,7 +89,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         # Dropout draws from MLX's generator: reseed per step so masks depend only on the
         # seed and the step, and a resumed run draws the ones an uninterrupted run would.
         mx.random.seed(args.seed * 1_000_003 + it)
-        micro = [batches.next(rank, size, args.max_seq_length)
+        micro = [batches.next(rank, size, args.max_seq_length, pad_multiple(args))
                  for _ in range(args.grad_accumulation_steps)]
         timer.lap("data", *[a for pair in micro for a in pair])
         loss_sum, ntoks = step(micro)

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="distributed backend; auto: mpi under mpirun, ring under mlx.launch")
     a("--loss-weighting", choices=["tokens", "ranks"], default="tokens",
       help="tokens: exact full-batch gradient; ranks: mean of per-rank means (mlx_lm's)")
+    a("--loss", choices=["scored", "all"], default="scored",
+      help="scored (default): logits only where a target token is scored; all: mlx_lm's "
+      "default_loss, logits at every position. The same loss; scored skips output-layer "
+      "work on prompts and padding (course_lib/fine_tune/loss.py)")
     a("--all-reduce", choices=["auto", "plain", "bucketed"], default="auto",
       help="plain: all_reduce_grads, one all_sum per array; bucketed: "
       "mlx.nn.average_gradients, arrays concatenated into ~32 MiB buckets; auto (default): "

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from course_lib import distributed as dist
+from course_lib.fine_tune.loss import loss_function
 
 
 class PhaseTimer:
@@ -70,6 +71,20 @@ def resolve_compile(choice: bool | None) -> bool:
     return mx.default_device() == mx.gpu
 
 
+def training_loss(args, model):
+    """The loss function for ``--loss`` (:mod:`course_lib.fine_tune.loss`). A compiled step
+    uses ``all``: ``scored`` reads each batch's scored positions on the host, which a traced
+    graph cannot."""
+    return loss_function("all" if resolve_compile(args.compile) else args.loss, model)
+
+
+def pad_multiple(args) -> int:
+    """Padding rule of the batches (:func:`course_lib.fine_tune.batches.pad_batch`): 32
+    when the step is compiled (few shapes to trace), else 1 (no padding beyond the longest
+    row)."""
+    return 32 if resolve_compile(args.compile) else 1
+
+
 def make_step(model, optimizer, args, group, timer: PhaseTimer):
     """The training step: gradients on this rank's share, all-reduce, optimizer update.
 
@@ -85,9 +100,7 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
     the course teaches is the code that runs, and ``--step-timing`` still times each phase
     apart.
     """
-    from mlx_lm.tuner.trainer import default_loss
-
-    loss_and_grad = nn.value_and_grad(model, default_loss)
+    loss_and_grad = nn.value_and_grad(model, training_loss(args, model))
     if resolve_all_reduce(args.all_reduce, group) == "plain":
         average = lambda g: dist.all_reduce_grads(g, group)  # noqa: E731
     else:

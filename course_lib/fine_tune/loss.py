@@ -1,0 +1,73 @@
+"""The loss the step differentiates, in two forms that give the same number.
+
+- ``all``: ``mlx_lm``'s ``default_loss``: logits for every position of the batch, then the
+  cross-entropy where a target token is scored (after the prompt with ``--mask-prompt``,
+  never in the padding). The form chapter 4 reads.
+- ``scored`` (the default): the same loss with the output layer applied only at the scored
+  positions. The output layer is the largest matrix of a small model (SmolLM2: 49,152 x 576,
+  28M of its 134M parameters, tied to the embedding), and its float32 logits the largest
+  tensor of the step (8 rows x 129 positions x 49,152 = 203 MB); with ``--mask-prompt``
+  about half the positions are prompt and never scored. Measured in
+  ``benchmarks/real_model.py``; the losses agree with ``all`` to float rounding
+  (``tests/test_fine_tune.py``).
+
+Both return ``(mean token loss, number of scored tokens)``, as ``default_loss`` does.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+LOSSES = ("scored", "all")
+
+
+def scored_mask(lengths: np.ndarray, width: int) -> np.ndarray:
+    """``(B, width)`` bool: where the target ``batch[:, 1:]`` is scored, ``default_loss``'s
+    rule: position ``i`` (1-based) with ``offset <= i <= length`` for each row's
+    ``(offset, length)`` in ``lengths`` ``(B, 2)``."""
+    steps = np.arange(1, width + 1)
+    return (steps >= lengths[:, :1]) & (steps <= lengths[:, 1:])
+
+
+def output_layer(model):
+    """The module or function that maps ``model.model``'s hidden states to logits (the
+    tied embedding's ``as_linear`` or ``lm_head``), or None for a model of another shape."""
+    trunk = getattr(model, "model", None)
+    if trunk is None or not callable(trunk):
+        return None
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        return trunk.embed_tokens.as_linear
+    return getattr(model, "lm_head", None)
+
+
+def scored_loss(model, batch, lengths):
+    """``default_loss(model, batch, lengths)`` with logits only at the scored positions.
+
+    ``batch`` ``(B, L)`` int32 tokens, ``lengths`` ``(B, 2)`` ``[offset, length]`` (as
+    :func:`course_lib.fine_tune.batches.pad_batch` makes them). The positions come from
+    ``lengths`` on the host (it is an input, so reading it costs nothing), the hidden
+    states at them are gathered, and only those go through the output layer. Returns
+    ``(loss, ntoks)``: float32 mean cross-entropy (nats per token), int32 count.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    hidden = model.model(inputs)
+    rows, width, dim = hidden.shape
+    where = mx.array(np.flatnonzero(scored_mask(np.array(lengths), width)).astype(np.uint32))
+    logits = output_layer(model)(hidden.reshape(rows * width, dim)[where])
+    ce = nn.losses.cross_entropy(logits, targets.reshape(-1)[where])
+    ntoks = mx.array(where.size, dtype=mx.int32)
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+def loss_function(choice: str, model):
+    """The loss for ``--loss`` ``choice`` (``scored`` or ``all``); ``scored`` falls back to
+    ``default_loss`` for a model whose output layer :func:`output_layer` cannot find."""
+    from mlx_lm.tuner.trainer import default_loss
+
+    if choice not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {choice!r}")
+    if choice == "scored" and output_layer(model) is not None:
+        return scored_loss
+    return default_loss
