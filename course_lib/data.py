@@ -317,6 +317,20 @@ def prepare(input_path: str | Path, out_dir: str | Path, valid_fraction: float =
     return summary
 
 
+def _check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Raise ``OSError`` at once when ``url``'s host cannot be reached (no DNS, no route):
+    ``huggingface_hub`` would otherwise retry for ~20 s, printing each retry."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise OSError(f"no connection to {host}:{port}: {e}") from e
+
+
 def download_dataset(dest_dir: str | Path | None = None, repo_id: str = HF_REPO_ID,
                      filename: str = HF_FILENAME) -> Path:
     """Download the full pirate Dolly set with ``huggingface_hub``; return the file's path.
@@ -325,9 +339,10 @@ def download_dataset(dest_dir: str | Path | None = None, repo_id: str = HF_REPO_
     :class:`DatasetDownloadError` with what to do when the Hub cannot be reached (offline,
     firewall) or the file is missing.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
     try:
+        _check_reachable(constants.ENDPOINT)
         path = hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset",
                                local_dir=str(dest_dir) if dest_dir else None)
     except Exception as e:  # huggingface_hub raises many kinds: offline, HTTP, not found

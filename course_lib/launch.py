@@ -1,9 +1,10 @@
 """Start ranks from Python (notebooks, tests, benchmarks) and follow a fine-tune live.
 
-``mpirun_command`` and ``mlx_launch_command`` build the command lines the course teaches;
-``run_fine_tune`` runs ``python -m course_lib.fine_tune`` on 1 or N ranks in a subprocess
-and shows its progress (an ipywidgets bar in a notebook, tqdm elsewhere) by reading the
-``metrics.jsonl`` the run appends to.
+``mpirun_command``, ``mlx_launch_command`` and ``fine_tune_command`` build the command lines
+the course teaches (``shell_line`` shows one as a person would type it); ``run_fine_tune``
+runs ``python -m course_lib.fine_tune`` on 1 or N ranks in a subprocess and shows its
+progress (an HTML bar in a notebook, tqdm elsewhere) by reading the ``metrics.jsonl`` the
+run appends to.
 """
 
 from __future__ import annotations
@@ -73,36 +74,82 @@ def python_module(module: str, *args) -> list[str]:
 
 
 class _Progress:
-    """An ipywidgets bar and status line in Jupyter; a tqdm bar anywhere else."""
+    """A progress bar: in Jupyter an HTML ``<progress>`` bar and status line, updated in
+    place (``display_id``), so the notebook keeps its final state as plain HTML and text
+    that any viewer shows; a tqdm bar anywhere else."""
 
     def __init__(self, total: int, label: str):
-        self.total = total
+        self.total, self.label = total, label
         try:
             get_ipython()  # noqa: F821  (defined inside IPython only)
-            import ipywidgets as widgets
             from IPython.display import display
 
-            self.bar = widgets.IntProgress(min=0, max=total, description=label)
-            self.text = widgets.HTML()
-            display(widgets.HBox([self.bar, self.text]))
+            self.handle = display(self._view(0, "starting"), display_id=True)
             self.tqdm = None
         except (NameError, ImportError):
             from tqdm import tqdm
 
-            self.bar = self.text = None
+            self.handle = None
             self.tqdm = tqdm(total=total, desc=label, unit="step", file=sys.stderr)
+
+    def _view(self, iteration: int, status: str):
+        from IPython.display import HTML
+
+        text = f"{self.label}: step {iteration}/{self.total}, {status}"
+
+        class View(HTML):  # HTML for the notebook, the same line as text for other viewers
+            def __repr__(self):
+                return text
+
+        return View(f'<progress value="{iteration}" max="{self.total}" '
+                    f'style="width: 16em"></progress>&nbsp;<code>{text}</code>')
 
     def update(self, iteration: int, status: str):
         if self.tqdm is not None:
             self.tqdm.update(iteration - self.tqdm.n)
             self.tqdm.set_postfix_str(status)
         else:
-            self.bar.value = iteration
-            self.text.value = f"&nbsp;{iteration}/{self.total} {status}"
+            self.handle.update(self._view(iteration, status))
 
     def close(self):
         if self.tqdm is not None:
             self.tqdm.close()
+
+
+def fine_tune_command(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpirun",
+                      args: tuple | list = ()) -> list[str]:
+    """The command :func:`run_fine_tune` runs: ``python -m course_lib.fine_tune
+    --no-progress --adapter-path ADAPTER_PATH ARGS``, under ``mpirun -np N`` or
+    ``mlx.launch -n N`` for ``ranks`` > 1. Raises ``ValueError`` for another launcher."""
+    cmd = python_module("course_lib.fine_tune", "--no-progress", "--adapter-path",
+                        adapter_path, *args)
+    if ranks == 1:
+        return cmd
+    if launcher == "mpirun":
+        return mpirun_command(ranks, *cmd)
+    if launcher == "mlx.launch":
+        return mlx_launch_command(ranks, *cmd)
+    raise ValueError(f"launcher must be 'mpirun' or 'mlx.launch', got {launcher!r}")
+
+
+def shell_line(cmd: list, root: str | Path | None = None) -> str:
+    """``cmd`` as a person would type it: this Python as ``python``, the launcher as
+    ``mlx.launch``, paths under ``root`` (default: the working directory) relative, and
+    ``shlex`` quoting. For showing commands in notebooks and logs the same on every
+    machine."""
+    import shlex
+
+    root = str(Path(root or Path.cwd()).resolve()) + os.sep
+    words = []
+    for word in map(str, cmd):
+        if word == sys.executable:
+            word = "python"
+        elif word == str(Path(sys.executable).parent / "mlx.launch"):
+            word = "mlx.launch"
+        elif word.startswith(root):
+            word = word[len(root):]
+        words.append(shlex.quote(word))
+    return " ".join(words)
 
 
 def _iterations(args) -> int:
@@ -127,15 +174,7 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
     (the run is killed).
     """
     adapter_path = Path(adapter_path)
-    cmd = python_module("course_lib.fine_tune", "--no-progress", "--adapter-path",
-                        adapter_path, *args)
-    if ranks > 1:
-        if launcher == "mpirun":
-            cmd = mpirun_command(ranks, *cmd)
-        elif launcher == "mlx.launch":
-            cmd = mlx_launch_command(ranks, *cmd)
-        else:
-            raise ValueError(f"launcher must be 'mpirun' or 'mlx.launch', got {launcher!r}")
+    cmd = fine_tune_command(adapter_path, ranks, launcher, args)
     iters = _iterations(args)
     metrics = adapter_path / "metrics.jsonl"
     if metrics.exists():

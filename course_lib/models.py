@@ -21,9 +21,9 @@ model ``NAME``, building it into the cache (:func:`cache_dir`) on first use.
 Why the dtypes (``--dtype``, or ``smollm2:DTYPE`` as a model name):
 
 - ``float32`` (the default on CPUs): the GGUF's 4-bit weights dequantized. MLX's CPU
-  kernels for quantized matmuls are far slower than float32 matmuls through OpenBLAS:
-  measured on a 2-core x86 laptop CPU (``benchmarks/real_model.py``), see
-  :data:`MEASURED`. 538 MB on disk.
+  kernels for quantized matmuls are far slower than float32 matmuls through OpenBLAS
+  (``benchmarks/real_model.py`` times one forward pass in each dtype; see
+  ``benchmarks/README.md``). 538 MB on disk.
 - ``4bit`` (the default on Apple GPUs): the GGUF's quantized weights as they are, in MLX's
   affine layout (group size 32; 4 bits, the embedding 8 bits). On Metal the quantized
   matmul is the fast path, and LoRA on it is QLoRA (Dettmers et al. 2023). 98 MB.
