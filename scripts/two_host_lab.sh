@@ -10,6 +10,7 @@
 #   sudo bash scripts/two_host_lab.sh mpirun -- python -m course_lib.fine_tune --iters 20
 #   sudo bash scripts/two_host_lab.sh mlx-launch -- python -m course_lib.fine_tune --iters 20
 #   sudo bash scripts/two_host_lab.sh exec b -- hostname
+#   sudo bash scripts/two_host_lab.sh own b "$PWD"     # host b gets its own empty folder here (docs/WORKSHOP.md)
 #   sudo bash scripts/two_host_lab.sh down
 #
 # It is `python -m course_lib.lab` (see its --help and the module's docstring).
