@@ -132,12 +132,15 @@ def broadcast_json(obj, group):
 def broadcast_arrays(arrays: dict, template: dict, group) -> dict:
     """Rank 0's ``arrays`` on every rank; other ranks pass ``{}`` and get arrays shaped like
     ``template`` (same keys) filled from rank 0."""
+    from course_lib.distributed import broadcast
+
     if group.size() == 1:
         return arrays
-    out = {}
-    for k, like in template.items():
-        mine = arrays[k] if group.rank() == 0 else mx.zeros(like.shape, like.dtype)
-        out[k] = mx.distributed.all_sum(mine, group=group)
+    # Every rank walks the template's keys in the same order: collectives pair up by call
+    # order, and a file's key order need not be the template's.
+    mine = {k: arrays[k] if group.rank() == 0 else mx.zeros(v.shape, v.dtype)
+            for k, v in template.items()}
+    out = broadcast(mine, group)
     mx.eval(out)
     return out
 

@@ -145,6 +145,26 @@ def all_reduce_grads(grads, group: mx.distributed.Group | None = None):
     return tree_map(lambda g: mx.distributed.all_sum(g, group=group) / size, grads)
 
 
+def broadcast(tree, group: mx.distributed.Group | None = None, root: int = 0):
+    """Rank ``root``'s tree of arrays on every rank: each rank sends its arrays if it is the
+    root and zeros of the same shapes otherwise, and an all-sum adds them up.
+
+    MLX's CPU backends have no broadcast collective, so this costs what an all-reduce of the
+    tree costs (2(N-1)/N of its bytes per rank in a ring); a real broadcast sends each byte
+    once. Used to start every rank from the same parameters (PyTorch's
+    ``DistributedDataParallel`` broadcasts rank 0's module state in its constructor the same
+    way) and to send a checkpoint read on rank 0. The tree comes back untouched at one rank.
+    Every rank must pass a tree of the same structure, shapes and dtypes, in the same key
+    order: the all-sums pair up by the order they are called in.
+    """
+    group = group or mx.distributed.init()
+    if group.size() == 1:
+        return tree
+    mine = group.rank() == root
+    return tree_map(lambda x: mx.distributed.all_sum(x if mine else mx.zeros_like(x),
+                                                     group=group), tree)
+
+
 def all_sum(x, group: mx.distributed.Group | None = None):
     """Sum of ``x`` (an ``mx.array`` or Python number) over the ranks; an ``mx.array``."""
     group = group or mx.distributed.init()

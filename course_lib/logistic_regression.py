@@ -117,16 +117,19 @@ def train_data_parallel(X: mx.array, y: mx.array, n_workers: int, learning_rate:
 
 
 def train_distributed(X: mx.array, y: mx.array, learning_rate: float = 1.0, epochs: int = 200,
-                      seed: int = 0, group=None) -> tuple[dict, list[dict]]:
+                      seed: int = 0, group=None, params: dict | None = None
+                      ) -> tuple[dict, list[dict]]:
     """Data-parallel training across real ranks (run it under ``mpirun``/``mlx.launch``).
 
     Rank r of N takes shard r; each step its gradient is weighted by ``N * n_r / n`` and
-    ``all_reduce_grads`` averages, giving the full-batch gradient on every rank.
+    ``all_reduce_grads`` averages, giving the full-batch gradient on every rank. The ranks
+    start from ``params`` (which must be the same on every rank, e.g. broadcast from rank
+    0) or, by default, from ``init_params`` with the same ``seed``.
     """
     group = group or mx.distributed.init()
     Xs, ys = shard(X, y, group.size())[group.rank()]
     weight = group.size() * ys.shape[0] / all_sum(ys.shape[0], group).item()
-    params = init_params(X.shape[1], seed)
+    params = params if params is not None else init_params(X.shape[1], seed)
     history = []
     for epoch in range(epochs):
         history.append(_snapshot(epoch, params, X, y))

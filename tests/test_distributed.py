@@ -50,3 +50,25 @@ def test_unknown_backend_is_refused():
 
     with pytest.raises(ValueError, match="--backend must be one of"):
         init_world("carrier-pigeon")
+
+
+@pytest.mark.distributed
+def test_broadcast_gives_every_rank_rank_zeros_tree(tmp_path):
+    """distributed.broadcast: ranks that start apart (a seed per rank) end with rank 0's
+    arrays, bit for bit."""
+    script = tmp_path / "broadcast.py"
+    script.write_text(
+        "import hashlib, json\n"
+        "import mlx.core as mx, numpy as np\n"
+        "from course_lib.distributed import broadcast, init_world\n"
+        "group, _ = init_world('mpi')\n"
+        "mx.random.seed(group.rank())\n"
+        "tree = {'w': mx.random.normal((3, 4)), 'b': [mx.random.normal((2,))]}\n"
+        "digest = lambda t: hashlib.sha256(np.array(t['w']).tobytes() +\n"
+        "                                  np.array(t['b'][0]).tobytes()).hexdigest()\n"
+        "before = digest(tree)\n"
+        "after = digest(broadcast(tree, group))\n"
+        "print(json.dumps({'rank': group.rank(), 'before': before, 'after': after}))\n")
+    results = _results(run(mpirun(2, PY, script), timeout=120).stdout)
+    assert results[0]["before"] != results[1]["before"]
+    assert results[0]["after"] == results[1]["after"] == results[0]["before"]
