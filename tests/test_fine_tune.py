@@ -214,3 +214,16 @@ def test_lora_alpha_sets_scale_and_is_written_for_mlx_lm(tmp_path, tiny_model):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["lora_parameters"] == {"rank": 4, "scale": 4.0, "dropout": 0.0, "alpha": 16.0}
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 4
+
+
+def test_warmup_raises_the_learning_rate_linearly_then_holds(tmp_path):
+    run(fine_tune_cmd("--iters", "6", "--warmup-steps", "4", "--learning-rate", "4e-4",
+                      "--steps-per-report", "1", "--steps-per-eval", "100", "--val-batches", "1",
+                      "--adapter-path", tmp_path))
+    from course_lib.plotting import read_metrics
+
+    rates = [r["learning_rate"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert rates == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4], rel=1e-5)
+    bad = run(fine_tune_cmd("--warmup-steps", "-1", "--adapter-path", tmp_path / "bad"),
+              check=False)
+    assert bad.returncode == 2 and "--warmup-steps must be 0 or more" in bad.stderr

@@ -39,12 +39,24 @@ def run_settings(args, model_id: str, num_layers: int, lora_parameters, data_dir
         "lora_parameters": lora_parameters, "batch_size": args.batch_size, "seed": args.seed,
         "grad_accumulation_steps": args.grad_accumulation_steps,
         "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt,
-        "learning_rate": args.learning_rate, "loss_weighting": args.loss_weighting,
+        "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
+        "loss_weighting": args.loss_weighting,
         "train_data": checkpoint.fingerprint(data_dir / "train.jsonl"),
     }
     if args.loss_weighting == "ranks" or (lora_parameters or {}).get("dropout", 0) > 0:
         settings["world_size"] = world_size
     return settings
+
+
+def learning_rate_schedule(args):
+    """Adam's learning rate: ``--learning-rate``, or with ``--warmup-steps W`` a linear
+    warm-up to it: step k (from 0) uses ``lr * min(k + 1, W) / W`` (Goyal et al. 2017, for
+    large global batches). A function of the optimizer's step count, so it resumes
+    exactly."""
+    lr, warmup = args.learning_rate, args.warmup_steps
+    if not warmup:
+        return lr
+    return lambda step: lr * mx.minimum(step + 1, warmup).astype(mx.float32) / warmup
 
 
 def resume_point(args, group) -> tuple[Path, int] | None:
@@ -108,7 +120,7 @@ def run(args) -> dict:
     train_rows, valid_rows = load_data(data_dir, tokenizer, args)
     num_layers, lora_parameters = add_adapters(model, args)
     settings = run_settings(args, model_id, num_layers, lora_parameters, data_dir, size)
-    optimizer = optim.Adam(learning_rate=args.learning_rate)
+    optimizer = optim.Adam(learning_rate=learning_rate_schedule(args))
     optimizer.init(model.trainable_parameters())
 
     start, data_state = 0, None

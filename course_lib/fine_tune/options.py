@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val-batches", type=int,
       help="validation batches per evaluation; -1 for the whole set (default: the recipe's)")
     a("--learning-rate", type=float, help="Adam learning rate (default: the recipe's)")
+    a("--warmup-steps", type=int, default=0,
+      help="raise the learning rate linearly from 0 over this many steps, then hold it "
+      "(Goyal et al. 2017; default 0: none)")
     a("--steps-per-report", type=int, help="steps between train-loss reports")
     a("--steps-per-eval", type=int, help="steps between validations")
     a("--save-every", type=int, help="steps between checkpoints")
@@ -160,6 +163,8 @@ def check_options(args, world_size: int) -> None:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(args, name)}")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
     if args.val_batches == 0 or args.val_batches < -1:
