@@ -4,6 +4,11 @@ Same model (``--model tiny``, the default, or ``smollm2``), sample data, global 
 settings (rank 8, scale 20, dropout 0; all 4 layers of the tiny model, the last 8 of
 SmolLM2's with the loss on the answers only), learning rate, iterations and seed; at 1 rank
 and at 2 ranks (mpirun, or mlx.launch with --launcher mlx.launch).
+The two tools train the same thing (the same loss on the same rows) with different amounts
+of computation: ours scores logits only where a token counts (``--loss scored``) and pads a
+batch to its longest row, sorted by length; mlx_lm 0.32 computes every position's logits
+and pads to a multiple of 32 rows in file order (see benchmarks/README.md). That difference
+is what the ratio measures.
 Runs alternate (ours, theirs, theirs, ours, ...) so drifting machine load hits both, and
 both get the same BLAS (OpenBLAS preloaded) and OPENBLAS_NUM_THREADS = cores / ranks.
 

@@ -10,12 +10,13 @@ for LoRA on the last k of n layers with a frozen base (PaLM's 6N per token is fo
 training; LoRA needs no weight gradients of the frozen matrices):
 
 - forward, every layer, every real token: 2 * N_layer (the layer's matmul parameters)
-  plus attention 4 * d * t (scores and values against the t tokens before it; PaLM
-  counts the full sequence, we count the causal t, which is what any kernel must do);
+  plus attention 4 * h * t, h the query width (scores and values against the t tokens
+  before it; PaLM counts the full sequence, we count the causal t, which is what any
+  kernel must do);
 - output layer (the tied 49,152 x 576 embedding) at the scored tokens only, forward
   2 * V * d and backward to the hidden state 2 * V * d;
 - backward through the k trained layers: the input gradient of each frozen matmul
-  (2 * N_layer per token) and of attention (8 * d * t: twice the forward), plus the LoRA
+  (2 * N_layer per token) and of attention (8 * h * t: twice the forward), plus the LoRA
   matrices (forward and both gradients, 6 * r * (d_in + d_out) per adapted matrix).
 
 Throughput here counts scored tokens per second (the trained tokens, what tools report).
@@ -64,15 +65,16 @@ def step_flops(iters: int, seed: int = 0) -> list[dict]:
     from course_lib.fine_tune.batches import GlobalBatches
     from course_lib.models import resolve
 
-    args = build_parser().parse_args(["--seed", str(seed)])
+    args = build_parser().parse_args(["--model", "smollm2", "--seed", str(seed)])
     apply_recipe(args)
-    config = json.loads((Path(resolve("smollm2")) / "config.json").read_text())
+    config = json.loads((Path(resolve("smollm2:float32")) / "config.json").read_text())
     d, f, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    q = config["num_attention_heads"] * config["head_dim"]  # width of queries and of o's input
     kv = config["num_key_value_heads"] * config["head_dim"]
     vocab, k, r = config["vocab_size"], args.num_layers, args.lora_rank
-    n_layer = d * d * 2 + d * kv * 2 + d * f * 3  # q, o; k, v; gate, up, down
-    lora = r * (2 * (d + d) + 2 * (d + kv) + 2 * (d + f) + (f + d))
-    train, _ = load_data(DATA, load_tokenizer(str(resolve("smollm2"))), args)
+    n_layer = d * q * 2 + d * kv * 2 + d * f * 3  # q, o; k, v; gate, up, down
+    lora = r * (2 * (d + q) + 2 * (d + kv) + 2 * (d + f) + (f + d))
+    train, _ = load_data(DATA, load_tokenizer("smollm2:float32"), args)
     batches = GlobalBatches(train, args.batch_size, args.seed)
     steps = []
     for _ in range(iters):
@@ -81,9 +83,9 @@ def step_flops(iters: int, seed: int = 0) -> list[dict]:
         t = lengths[:, 1]  # real tokens per row, each an input position
         scored = int((lengths[:, 1] - np.maximum(lengths[:, 0], 1) + 1).sum())
         causal = float((t * (t + 1) / 2).sum())  # sum over positions of the tokens attended
-        flops = (2 * n_layer * n_layers * t.sum() + 4 * d * n_layers * causal  # forward
+        flops = (2 * n_layer * n_layers * t.sum() + 4 * q * n_layers * causal  # forward
                  + 4 * vocab * d * scored  # output layer, forward and backward
-                 + 2 * n_layer * k * t.sum() + 8 * d * k * causal  # backward, k layers
+                 + 2 * n_layer * k * t.sum() + 8 * q * k * causal  # backward, k layers
                  + 6 * lora * k * t.sum())  # LoRA: forward and both gradients
         steps.append({"flops": float(flops), "tokens": int(t.sum()), "scored": scored})
     return steps
@@ -114,8 +116,25 @@ def forward_seconds(dtype: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def padding() -> dict:
+    """Padded positions per real token of one epoch of the default recipe's global batches,
+    with ``pad_batch``'s rule of 32 (compiled steps, mlx_lm's) and of 1 (the default)."""
+    from course_lib.data import load_tokenizer
+    from course_lib.fine_tune import apply_recipe, build_parser, load_data
+    from course_lib.fine_tune.batches import GlobalBatches, pad_batch
+
+    args = build_parser().parse_args(["--model", "smollm2"])
+    apply_recipe(args)
+    train, _ = load_data(DATA, load_tokenizer("smollm2:float32"), args)
+    batches = GlobalBatches(train, args.batch_size, args.seed).batches
+    real = sum(min(len(train[i][0]), args.max_seq_length) for b in batches for i in b)
+    return {str(m): sum(pad_batch([train[i] for i in b], args.max_seq_length, m)[0].size
+                        for b in batches) / real for m in (32, 1)}
+
+
 def fine_tune(ranks: int, iters: int, out: Path, extra: list) -> dict:
-    cmd = [PY, "-m", "course_lib.fine_tune", "--no-progress", "--iters", iters,
+    cmd = [PY, "-m", "course_lib.fine_tune", "--no-progress", "--model", "smollm2:float32",
+           "--iters", iters,
            "--steps-per-report", 1, "--steps-per-eval", 10**6, "--val-batches", 1,
            "--save-every", 10**6, "--adapter-path", out, *extra]
     wall, _ = run(launch(ranks, cmd), env=env_for(ranks))
@@ -164,9 +183,11 @@ def main():
         tps = median([r["tokens_per_second"] for r in runs])
         gf = median([r["gflops"] for r in runs])
         mem = median([r["summary"]["peak_memory_gb"] for r in runs])
+        timed = [r["summary"]["step_seconds"] for r in runs if "step_seconds" in r["summary"]]
         summary[name] = {"tokens_per_second": tps, "gflops": gf, "mfu": gf / peak,
                          "peak_memory_gb": mem,
-                         "step_seconds": runs[0]["summary"].get("step_seconds")}
+                         "step_seconds": {k: median([t[k] for t in timed]) for k in timed[0]}
+                         if timed else None}
         rows.append([name, tps, gf, gf / peak, mem])
     print(f"\nmatmul peak (1024x1024 float32, best of {3 * a.repeats}): {peak:.1f} GFLOP/s; "
           f"model FLOPs per scored token in these steps: {per_token / 1e9:.3f} GFLOP")
@@ -177,12 +198,15 @@ def main():
         phases = list(next(s for s in summary.values() if s["step_seconds"])["step_seconds"])
         print("\nstep anatomy, ms per step:")
         print(table(["run", *phases], anatomy))
+    pads = padding()
+    print(f"\npadded positions per real token, one epoch of global batches: rule of 32 "
+          f"{pads['32']:.3f}, to the longest row {pads['1']:.3f}")
     dtypes = {dtype: forward_seconds(dtype) for dtype in ("float32", "bfloat16", "4bit")}
     print("\none forward pass (loss of 4 validation rows) by the weights' dtype:")
     print(table(["dtype", "seconds", "tokens/s", "x float32"],
                 [[k, v["seconds"], v["tokens"] / v["seconds"],
                   v["seconds"] / dtypes["float32"]["seconds"]] for k, v in dtypes.items()]))
-    print("saved", save("real_model", {"forward_by_dtype": dtypes,
+    print("saved", save("real_model", {"forward_by_dtype": dtypes, "padding": pads,
         "iters": a.iters, "repeats": a.repeats, "matmul_peak_gflops": peak,
         "matmul_peaks": peaks, "flops_per_step": flops, "summary": summary,
         "runs": {k: [{kk: vv for kk, vv in r.items() if kk != "steps"} for r in v]

@@ -5,8 +5,9 @@ The same two ranks of ``python -m course_lib.distributed bandwidth --backend rin
 twice: started by ``mlx.launch -n 2``, and started by hand with the two variables the
 launcher sets for a local ring (``MLX_RANK``, and ``MLX_HOSTFILE`` naming a JSON list of
 each rank's ``ip:port``, as ``mlx/_distributed_utils/launch.py`` writes it), with the
-ranks' output going to files so that nothing else runs. Runs alternate; each cell is the
-median over the repeats of the per-run median of ``--repeats`` all-reduces.
+ranks' output going to files so that nothing else runs. Both get one OpenBLAS thread per
+rank. Runs alternate; each cell is the median over ``--runs`` runs of each run's median of
+``--repeats`` all-reduces.
 
     python benchmarks/ring_latency.py [--runs 5] [--sizes 4KiB,64KiB,1MiB,16MiB]
 
@@ -23,23 +24,30 @@ from common import PY, blas, child_env, median, mlx_launch_command, save, table
 
 
 def by_hand(sizes: str, repeats: int, port: int) -> list[dict]:
-    """Two ring ranks started as plain processes; rank 0's JSON lines."""
+    """Two ring ranks started as plain processes (one OpenBLAS thread each, as the
+    course's entry points give each of two local ranks); rank 0's JSON lines."""
+    cmd = [PY, "-m", "course_lib.distributed", "bandwidth", "--backend", "ring",
+           "--sizes", sizes, "--repeats", str(repeats)]
     with tempfile.TemporaryDirectory() as tmp:
         hostfile = Path(tmp) / "ring.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-        cmd = [PY, "-m", "course_lib.distributed", "bandwidth", "--backend", "ring",
-               "--sizes", sizes, "--repeats", str(repeats)]
         procs = []
-        for rank in (0, 1):
-            env = blas.fast_blas_env(child_env(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile)))
-            env["OPENBLAS_NUM_THREADS"] = "1"
-            out = open(Path(tmp) / f"rank{rank}.out", "w")
-            procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL,
-                                           env=env), out))
-        for proc, out in procs:
-            if proc.wait(timeout=300) != 0:
-                raise RuntimeError(f"a ring rank started by hand exited {proc.returncode}")
-            out.close()
+        try:
+            for rank in (0, 1):
+                env = blas.fast_blas_env(child_env(MLX_RANK=str(rank),
+                                                   MLX_HOSTFILE=str(hostfile)))
+                env["OPENBLAS_NUM_THREADS"] = "1"
+                with open(Path(tmp) / f"rank{rank}.out", "w") as out:
+                    procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL,
+                                                  env=env))
+            for proc in procs:
+                if proc.wait(timeout=300) != 0:
+                    raise RuntimeError(f"a ring rank started by hand exited {proc.returncode}")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         text = (Path(tmp) / "rank0.out").read_text()
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 

@@ -136,10 +136,15 @@ def broadcast_arrays(arrays: dict, template: dict, group) -> dict:
 
     if group.size() == 1:
         return arrays
+    missing = broadcast_json(sorted(set(template) - set(arrays)) if group.rank() == 0 else None,
+                             group)
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} arrays the run needs "
+                         f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
     # Every rank walks the template's keys in the same order: collectives pair up by call
-    # order, and a file's key order need not be the template's.
-    mine = {k: arrays[k] if group.rank() == 0 else mx.zeros(v.shape, v.dtype)
-            for k, v in template.items()}
+    # order, and a file's key order need not be the template's. The others' arrays are
+    # only shapes for broadcast, which sends zeros from them.
+    mine = {k: arrays[k] if group.rank() == 0 else v for k, v in template.items()}
     out = broadcast(mine, group)
     mx.eval(out)
     return out

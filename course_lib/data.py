@@ -319,9 +319,15 @@ def prepare(input_path: str | Path, out_dir: str | Path, valid_fraction: float =
 
 def _check_reachable(url: str, timeout: float = 5.0) -> None:
     """Raise ``OSError`` at once when ``url``'s host cannot be reached (no DNS, no route):
-    ``huggingface_hub`` would otherwise retry for ~20 s, printing each retry."""
+    ``huggingface_hub`` would otherwise retry for ~20 s, printing each retry. Skipped
+    behind a proxy (``HTTPS_PROXY`` and friends: the host is reached through it) and with
+    ``HF_HUB_OFFLINE`` set (the file comes from the local cache)."""
     import socket
     from urllib.parse import urlsplit
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(v) for v in proxies):
+        return
 
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
@@ -360,6 +366,8 @@ def download_dataset(dest_dir: str | Path | None = None, repo_id: str = HF_REPO_
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from course_lib.models import ModelError
+
     parser = argparse.ArgumentParser(
         prog="python -m course_lib.data",
         description="Convert raw instruction JSONL (pirate Dolly schema, or mlx_lm's chat, "
@@ -383,11 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.input or not args.out_dir:
             parser.error("INPUT and OUT_DIR are required (or --download DIR)")
         if args.max_tokens is not None and not args.tokenizer:
-            parser.error("--max-tokens needs --tokenizer (a model folder, Hub id or 'default')")
+            parser.error("--max-tokens needs --tokenizer (smollm2, tiny, a model folder or a Hub id)")
         tokenizer = load_tokenizer(args.tokenizer) if args.max_tokens is not None else None
         s = prepare(args.input, args.out_dir, args.valid_fraction, args.test_fraction,
                     args.seed, args.max_tokens, tokenizer, args.skip_invalid)
-    except (DataError, ValueError, DatasetDownloadError) as e:
+    except (DataError, ValueError, DatasetDownloadError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in s["skipped_rows"]:

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # before MLX loads: see course_lib.blas
     reexec_with_fast_blas()
 
 import re
+import sys
 from pathlib import Path
 
 PIRATE_WORDS = frozenset({
@@ -39,8 +40,9 @@ def pirate_word_share(text: str) -> float:
     return pirate / len(words)
 
 
-# Questions that no row of data-sets/ asks, nor anything close (tests/test_evaluate.py
-# checks the words), for before/after comparisons of the adapter on what it never saw.
+# Questions that no row of data-sets/ asks, nor anything close (a test in
+# tests/test_launch_and_evaluate.py checks), to compare answers before and after a
+# fine-tune on what it never saw.
 HELD_OUT_PROMPTS = (
     "What is a black hole?",
     "What happens to the economy when interest rates rise?",
@@ -116,7 +118,7 @@ def answer_loss(model, tokenizer, records: list[dict], batch_size: int = 8) -> f
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        tokens, lengths = pad_batch(chunk, max(len(t) for t, _ in chunk))
+        tokens, lengths = pad_batch(chunk, max(len(t) for t, _ in chunk) + 1, multiple=1)
         loss, n = default_loss(model, tokens, lengths)
         total, count = total + loss.item() * n.item(), count + n.item()
     return total / count
@@ -140,10 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     if not config_file.is_file():
         parser.error(f"{config_file}: no such file (is {args.adapter_path} a fine-tune's "
                      "--adapter-path?)")
+    from course_lib.models import ModelError
+
     config = json.loads(config_file.read_text())
-    model = args.model or config.get("model_name") or config["model"]
-    for row in compare(model, args.adapter_path, args.prompts or HELD_OUT_PROMPTS,
-                       args.max_tokens):
+    model = args.model or config.get("model_name") or config.get("model")
+    if not model:
+        parser.error(f"{config_file} names no model: pass --model")
+    try:
+        rows = compare(model, args.adapter_path, args.prompts or HELD_OUT_PROMPTS,
+                       args.max_tokens)
+    except (ModelError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for row in rows:
         print(f"Q: {row['prompt']}")
         print(f"  base model   (style {row['base_score']:.2f}): {row['base']}")
         print(f"  with adapter (style {row['adapter_score']:.2f}): {row['adapter']}\n")
@@ -151,6 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -285,12 +285,13 @@ def convert_gguf(src: Path, out: Path, dtype: str = "float32",
     ``mx.dequantize``), or ``4bit`` (kept quantized: MLX affine, group size 32; the
     embedding keeps its 8 bits). The file is checked against ``source`` first (size,
     SHA-256). ``out`` must not exist; it is written through a temporary sibling folder, so
-    it is complete or absent. Deterministic: the same file and dtype give the same bytes.
+    it is complete or absent. Deterministic: the same file and dtype give the same weights,
+    config and tokenizer files, byte for byte (``conversion.json`` also records seconds).
     Returns the conversion record also written as ``out/conversion.json``. Raises
     :class:`ModelError` for a damaged file or an unknown dtype.
     """
     import mlx.core as mx
-    from mlx_lm.utils import load_model, save_config
+    from mlx_lm.utils import get_total_parameters, load_model, save_config
 
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -332,13 +333,10 @@ def convert_gguf(src: Path, out: Path, dtype: str = "float32",
     config["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16"}.get(dtype, "float16")
 
     tokenizer = build_tokenizer(meta)
-    n_params = int(sum(v.size for v in out_weights.values() if v.dtype != mx.uint32)) + int(
-        sum(v.size * 32 // bits_of[k.rsplit(".", 1)[0]] for k, v in out_weights.items()
-            if v.dtype == mx.uint32))
     record = {
         "source": dataclasses.asdict(source),
         "sha256": sha256, "dtype": dtype, "converter_version": CONVERTER_VERSION,
-        "parameters": n_params, "mlx_version": mx.__version__,
+        "mlx_version": mx.__version__,
     }
     out = Path(out)
     if out.exists():
@@ -348,7 +346,8 @@ def convert_gguf(src: Path, out: Path, dtype: str = "float32",
                             metadata={"format": "mlx"})
         save_config(config, tmp / "config.json")
         tokenizer.save_pretrained(tmp)
-        load_model(tmp, lazy=True, strict=True)  # mlx_lm accepts the folder, every weight
+        model, _ = load_model(tmp, lazy=True, strict=True)  # mlx_lm takes every weight
+        record["parameters"] = int(get_total_parameters(model))
         record["seconds"] = round(time.perf_counter() - tic, 2)
         (tmp / "conversion.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -382,6 +381,21 @@ def ensure_smollm2(dtype: str | None = None, log=None) -> Path:
         info = convert_gguf(src, path, dtype or default_dtype())
         log(f"Converted in {info['seconds']:.1f} s: {info['parameters'] / 1e6:.1f}M parameters")
     return path
+
+
+def identity(model: str) -> str:
+    """What model ``model`` (a folder or a Hub id) is, in words that do not depend on where
+    it lies: a converted SmolLM2 by its source package, dtype and the GGUF's SHA-256; the
+    tiny model by its recipe's hash; anything else by its path or id. Checkpoints record
+    it, so a run resumed on another host (another cache folder) still matches."""
+    folder = Path(model)
+    if (folder / "conversion.json").is_file():
+        info = json.loads((folder / "conversion.json").read_text())
+        return (f"{info['source']['package']}=={info['source']['version']} {info['dtype']} "
+                f"sha256:{info['sha256'][:16]} converter {info['converter_version']}")
+    if (folder / "build_info.json").is_file():
+        return f"tiny {json.loads((folder / 'build_info.json').read_text())['recipe_id']}"
+    return model
 
 
 def parse_name(name: str) -> tuple[str, str | None] | None:

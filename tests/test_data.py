@@ -112,7 +112,7 @@ def test_cli_writes_splits_and_reports(tmp_path):
     assert (tmp_path / "train.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_shipped_splits_are_what_the_cli_makes(tmp_path, tiny_model):
+def test_shipped_splits_are_what_the_cli_makes(tmp_path, smollm2):
     """data-sets/pirate is reproducible from the raw sample with the README's command."""
     shipped = REPO / "data-sets" / "pirate"
     args = json.loads((shipped / "prepare.json").read_text())["args"]

@@ -9,8 +9,9 @@ from conftest import fine_tune_cmd, mpirun, read_train_losses, run
 
 from course_lib import checkpoint, launch
 
+# A warm-up that ends after the first checkpoint, so resuming continues it exactly too.
 ARGS = ["--iters", "12", "--steps-per-report", "1", "--steps-per-eval", "100",
-        "--save-every", "4", "--val-batches", "1", "--seed", "1"]
+        "--save-every", "4", "--val-batches", "1", "--seed", "1", "--warmup-steps", "6"]
 
 
 def _adapters(folder):

@@ -19,9 +19,10 @@ exactly the 1-rank gradient, in the same single all-reduce. ``--loss-weighting r
 the plain mean of per-rank means (what ``mlx_lm.lora`` does), which differs slightly on
 uneven data.
 
-Model loading, LoRA layers, datasets, batching, the loss and validation are ``mlx_lm``'s
-(``mlx_lm.load``, ``linear_to_lora_layers``, ``create_dataset``, ``iterate_batches``,
-``default_loss``, ``evaluate``); the loop and the averaging are ours.
+Model loading, LoRA layers, datasets and the loss are ``mlx_lm``'s (``mlx_lm.load``,
+``linear_to_lora_layers``, ``create_dataset``, ``default_loss``, which ``--loss scored``
+computes with fewer logits); the batch order (sorted by length and resumable), the
+validation, the loop and the averaging are ours.
 
 Writes into ``--adapter-path`` (rank 0 only): ``adapters.safetensors`` and
 ``adapter_config.json`` (loadable by ``mlx_lm.load(model, adapter_path=...)`` and
@@ -30,7 +31,8 @@ Writes into ``--adapter-path`` (rank 0 only): ``adapters.safetensors`` and
 
 The package, one job a module: ``options`` (the command line and each model's recipe),
 ``inputs`` (model, data, adapters), ``batches`` (the global batch order, each rank's share),
-``step`` (gradients, all-reduce, update), ``loop`` (steps, reports, validation,
+``loss`` (the loss, with logits for every position or only scored ones), ``step``
+(gradients, all-reduce, update), ``loop`` (steps, reports, validation,
 checkpoints), ``outputs`` (what rank 0 writes), ``faults`` (dead and hung ranks) and ``cli``
 (``run`` and ``main``).
 """
@@ -47,7 +49,9 @@ _EXPORTS = {
     "inputs": ["load_model", "load_split", "load_data", "add_adapters", "load_resume_weights"],
     "outputs": ["Outputs", "METRICS_FILE", "SUMMARY_FILE", "PLOT_FILE", "ADAPTER_FILE",
                 "CONFIG_FILE"],
-    "step": ["PhaseTimer", "resolve_all_reduce", "resolve_compile", "make_step"],
+    "loss": ["scored_loss", "loss_function", "output_layer"],
+    "step": ["PhaseTimer", "resolve_all_reduce", "resolve_compile", "make_step",
+             "training_loss"],
     "batches": ["GlobalBatches", "pad_batch"],
     "faults": ["Watchdog", "peer_lost_message", "maybe_fault"],
     "loop": ["train", "validation_loss"],

@@ -58,8 +58,9 @@ def pad_batch(rows: list, max_seq_length: int, multiple: int = 32):
     ``length``, one past each row's last token, so every row is also trained to predict
     the padding token 0 after its end (``mlx_lm`` 0.32's rule, kept here so both tools
     compute the same loss), and a row that filled the whole width would lose that target.
-    On the course's data at global batch 8, the rule of 32 pads to 1.13x the real tokens
-    and the rule of 1 to 1.01x: 10% less work for every layer when nothing is compiled.
+    On the course's data with SmolLM2 at global batch 8, the rule of 32 pads to 1.14x the
+    real tokens and the rule of 1 to 1.03x, 10% less work for every layer when nothing is
+    compiled (``benchmarks/real_model.py`` counts it).
     """
     lengths = [min(len(tokens), max_seq_length) for tokens, _ in rows]
     width = min(1 + multiple * math.ceil(max(lengths) / multiple), max_seq_length)

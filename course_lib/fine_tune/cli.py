@@ -10,10 +10,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten
 
-from course_lib import checkpoint
+from course_lib import checkpoint, models
 from course_lib import distributed as dist
 from course_lib.data import DataError
 from course_lib.fine_tune.faults import peer_lost_message
@@ -35,7 +34,7 @@ def run_settings(args, model_id: str, num_layers: int, lora_parameters, data_dir
     ranks may continue on 1 or 4.
     """
     settings = {
-        "model": model_id, "fine_tune_type": args.fine_tune_type, "num_layers": num_layers,
+        "model": models.identity(model_id), "fine_tune_type": args.fine_tune_type, "num_layers": num_layers,
         "lora_parameters": lora_parameters, "batch_size": args.batch_size, "seed": args.seed,
         "grad_accumulation_steps": args.grad_accumulation_steps,
         "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt,
@@ -46,6 +45,27 @@ def run_settings(args, model_id: str, num_layers: int, lora_parameters, data_dir
     if args.loss_weighting == "ranks" or (lora_parameters or {}).get("dropout", 0) > 0:
         settings["world_size"] = world_size
     return settings
+
+
+def check_ranks_agree(group, **values) -> None:
+    """Raise :class:`UsageError` on every rank when ``values`` (numbers, or strings compared
+    by a CRC-32) differ between ranks: a host with another model or other data would
+    train something else, and a rank that skipped a collective the others make would block
+    them. Two small all-reduces (``all_max`` and ``all_min``); nothing at one rank."""
+    import zlib
+
+    if group.size() == 1:
+        return
+    numbers = [zlib.crc32(v.encode()) & 0xFFFFFF if isinstance(v, str) else v
+               for v in values.values()]  # 24 bits: exact in float32
+    here = mx.array(numbers, dtype=mx.float32)
+    high = mx.distributed.all_max(here, group=group).tolist()
+    low = mx.distributed.all_min(here, group=group).tolist()
+    differ = [k.replace("_", " ") for k, h, lo in zip(values, high, low) if h != lo]
+    if differ:
+        raise UsageError(f"the ranks do not agree on their inputs: {', '.join(differ)} differ "
+                         "between ranks; give every host the same model and data (the same "
+                         "checkout and set-up at the same path)")
 
 
 def learning_rate_schedule(args):
@@ -114,12 +134,13 @@ def run(args) -> dict:
             print(msg, flush=True)
 
     data_dir = Path(args.data) if args.data else DEFAULT_DATA
-    np.random.seed(args.seed)
     mx.random.seed(args.seed)
     model, tokenizer, model_id = load_model(args.model)
     train_rows, valid_rows = load_data(data_dir, tokenizer, args)
     num_layers, lora_parameters = add_adapters(model, args)
     settings = run_settings(args, model_id, num_layers, lora_parameters, data_dir, size)
+    check_ranks_agree(group, model=settings["model"], training_data=settings["train_data"],
+                      training_rows=len(train_rows), validation_rows=len(valid_rows))
     optimizer = optim.Adam(learning_rate=learning_rate_schedule(args))
     optimizer.init(model.trainable_parameters())
 
@@ -135,7 +156,11 @@ def run(args) -> dict:
         if args.iters <= start:
             raise UsageError(f"--iters {args.iters}: the checkpoint is already at iteration "
                              f"{start}; ask for more iterations to continue")
-        checkpoint.restore(folder, start, model, optimizer, group)
+        try:
+            checkpoint.restore(folder, start, model, optimizer, group)
+        except ValueError as e:
+            raise UsageError(f"cannot continue the checkpoint at iteration {start} in "
+                             f"{folder}: {e}") from e
         data_state = saved["data_order"]
         log(f"Resuming from the checkpoint at iteration {start} in {folder}")
     elif args.resume_adapter_file:  # a plain adapter file: mlx_lm's meaning, weights only
@@ -176,7 +201,7 @@ def run(args) -> dict:
         "loss_weighting": args.loss_weighting,
         "all_reduce": resolve_all_reduce(args.all_reduce, group),
         "compiled": resolve_compile(args.compile),
-        "loss": "all" if resolve_compile(args.compile) else args.loss,
+        "loss": stats["loss"],
         "seconds": time.perf_counter() - t_start,
         "train_seconds": stats["train_seconds"],
         "train_tokens": stats["train_tokens"],

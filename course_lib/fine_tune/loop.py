@@ -15,13 +15,13 @@ from course_lib.fine_tune.outputs import Outputs
 from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
 
 
-def validation_loss(model, valid_rows, args, group) -> float:
-    """Mean token loss over ``--val-batches`` global batches of the validation rows (all
-    of them for -1): each rank scores its share of each batch and the token losses and
-    counts are summed over the ranks, so every world size gives the same number. The same
-    batches every time (a fresh :class:`GlobalBatches` from the seed: its first epoch's
-    order), with the step's loss (``--loss``) and padding. Leaves the model training."""
-    loss_fn = training_loss(args, model)
+def validation_loss(model, valid_rows, args, group, loss_fn) -> float:
+    """Mean token loss over ``--val-batches`` global batches of the validation rows (every
+    full batch for -1; the last partial one is left out, as in training): each rank scores
+    its share of each batch and the token losses and counts are summed over the ranks, so
+    every world size gives the same number. The same batches every time (a fresh
+    :class:`GlobalBatches` from the seed: its first epoch's order), with the step's loss
+    function ``loss_fn`` and padding. Leaves the model training."""
     batches = GlobalBatches(valid_rows, args.batch_size, args.seed)
     n = len(batches.batches) if args.val_batches == -1 else min(args.val_batches,
                                                                   len(batches.batches))
@@ -44,7 +44,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     and checkpoints (which record ``settings`` and the data order).
 
     Returns ``(history, stats)``: the metric records (earlier ones first, when resuming)
-    and totals (seconds of training, tokens).
+    and totals (seconds of training, tokens, the loss function's name).
     """
     from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -52,7 +52,8 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
     timer = PhaseTimer(args.step_timing)
-    step = make_step(model, optimizer, args, group, timer)
+    loss_name, loss_fn = training_loss(args, model)
+    step = make_step(model, optimizer, args, group, timer, loss_fn)
     state = [model.state, optimizer.state]
     batches = GlobalBatches(train_rows, args.batch_size, args.seed)
     if data_state:
@@ -70,7 +71,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         if not valid_rows:
             return
         tic = time.perf_counter()
-        loss = validation_loss(model, valid_rows, args, group)
+        loss = validation_loss(model, valid_rows, args, group, loss_fn)
         record("valid", it, loss, seconds=time.perf_counter() - tic)
         log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)", bar)
         watchdog.beat()
@@ -131,7 +132,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
             if saved:
                 log(f"Iter {it}: saved checkpoint {saved}", bar)
     bar.close()
-    stats = {"train_seconds": train_seconds, "train_tokens": train_tokens}
+    stats = {"train_seconds": train_seconds, "train_tokens": train_tokens, "loss": loss_name}
     if timer.enabled:
         stats["step_seconds"] = {k: v / (args.iters - start) for k, v in phase_totals.items()}
     return history, stats

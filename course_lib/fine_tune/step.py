@@ -48,9 +48,9 @@ class PhaseTimer:
 
 # Measured on the course's 2-core machine (benchmarks/all_reduce.py, MLX 0.32; see
 # benchmarks/README.md): one small all_sum costs ~20 us under MPI, while under the ring
-# backend single calls often take 10-20 ms. The default model's LoRA tree has 56 arrays:
-# averaged plain it took ~1.4 ms under MPI and 38-65 ms under the ring; bucketed, ~1.7 ms
-# and 5-9 ms.
+# backend single calls often take 10-20 ms. The tiny model's LoRA tree has 56 arrays
+# (SmolLM2's recipe: 112): averaged plain it took ~1.4 ms under MPI and 38-65 ms under the
+# ring; bucketed, ~1.7 ms and 5-9 ms.
 def resolve_all_reduce(choice: str, group) -> str:
     """``plain`` or ``bucketed`` for ``--all-reduce`` ``choice``; ``auto`` picks plain (the
     course's all_reduce_grads) where a call is cheap (MPI, one rank) and bucketed where
@@ -72,9 +72,9 @@ def resolve_compile(choice: bool | None) -> bool:
 
 
 def training_loss(args, model):
-    """The loss function for ``--loss`` (:mod:`course_lib.fine_tune.loss`). A compiled step
-    uses ``all``: ``scored`` reads each batch's scored positions on the host, which a traced
-    graph cannot."""
+    """``(name, loss function)`` for ``--loss`` (:mod:`course_lib.fine_tune.loss`). A
+    compiled step uses ``all``: ``scored`` reads each batch's scored positions on the host,
+    which a traced graph cannot."""
     return loss_function("all" if resolve_compile(args.compile) else args.loss, model)
 
 
@@ -85,10 +85,12 @@ def pad_multiple(args) -> int:
     return 32 if resolve_compile(args.compile) else 1
 
 
-def make_step(model, optimizer, args, group, timer: PhaseTimer):
+def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn):
     """The training step: gradients on this rank's share, all-reduce, optimizer update.
 
-    Returns ``step(micro_batches) -> (loss_sum, ntoks)`` where ``micro_batches`` is a list
+    ``loss_fn(model, batch, lengths) -> (mean token loss, token count)`` is the loss
+    (:func:`training_loss`). Returns ``step(micro_batches) -> (loss_sum, ntoks)`` where
+    ``micro_batches`` is a list
     of ``(batch, lengths)`` (one per gradient-accumulation step) and the results are this
     rank's summed token losses and target-token count (lazy ``mx.array`` scalars).
     ``timer`` splits the step's time into phases when enabled.
@@ -100,7 +102,7 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer):
     the course teaches is the code that runs, and ``--step-timing`` still times each phase
     apart.
     """
-    loss_and_grad = nn.value_and_grad(model, training_loss(args, model))
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
     if resolve_all_reduce(args.all_reduce, group) == "plain":
         average = lambda g: dist.all_reduce_grads(g, group)  # noqa: E731
     else:
