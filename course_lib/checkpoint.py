@@ -8,9 +8,11 @@ A checkpoint at iteration ``N`` in the adapter folder is three files:
   the run's settings. (MLX's own random state needs no saving: the loop reseeds it from the
   seed and the iteration at every step, so dropout masks do not depend on history.)
 
-Each file is written to a temporary name and renamed, and ``state.json`` is written last:
-a checkpoint counts as complete only when its state file exists, so a process killed in
-the middle of a save leaves the previous checkpoint as the latest complete one.
+Each file is written to a temporary name and renamed (:mod:`course_lib.atomic`), and
+``state.json`` is written last: a checkpoint counts as complete only when its state file
+exists, so a process killed in the middle of a save leaves the previous checkpoint as the
+latest complete one. A save that fails (disk full, read-only) removes what it wrote of its
+own checkpoint and raises :class:`course_lib.atomic.WriteError`.
 
 On resume, rank 0 reads the checkpoint and sends it to the other ranks with all-reduces
 (the others contribute zeros), so only rank 0's machine needs the files.
@@ -18,6 +20,7 @@ On resume, rank 0 reads the checkpoint and sends it to the other ranks with all-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +30,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+
+from course_lib import atomic
 
 CHECKPOINT = re.compile(r"^(\d{7})_state\.json$")
 
@@ -40,17 +45,16 @@ def paths(folder: Path, iteration: int) -> dict[str, Path]:
 
 
 def save_safetensors_atomic(path: Path, arrays: dict) -> None:
-    """``mx.save_safetensors`` into a temporary file beside ``path``, then rename."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, path)
+    """``mx.save_safetensors`` through a temporary file and a rename
+    (:func:`course_lib.atomic.save_safetensors`); raises
+    :class:`course_lib.atomic.WriteError` naming ``path`` when it cannot be written."""
+    atomic.save_safetensors(path, arrays)
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """JSON to ``path`` through a temporary file and a rename
+    (:func:`course_lib.atomic.write_json`); raises :class:`course_lib.atomic.WriteError`."""
+    atomic.write_json(path, obj)
 
 
 def _fault(name: str, iteration: int) -> None:
@@ -58,7 +62,11 @@ def _fault(name: str, iteration: int) -> None:
     save at iteration N (after the adapters, before the optimizer state and state file)."""
     if os.environ.get("COURSE_LIB_FAULT") == f"{name}@{iteration}":
         import signal
+        import sys
+        import time
 
+        print(f"fault injected: {name}@{iteration}: SIGKILL rank 0 at {time.time():.3f}",
+              file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -66,13 +74,26 @@ def save(folder: Path, iteration: int, model, optimizer, state: dict) -> Path:
     """Write the checkpoint at ``iteration`` (rank 0 only); returns its adapters file.
 
     ``state`` holds what else continuing needs (data order, settings); the iteration is
-    added here.
+    added here. When a file cannot be written (disk full, read-only...), the files this
+    save wrote are removed again (with a state file of the same iteration left from an
+    earlier run, which would now describe other weights; other checkpoints are not
+    touched) and :class:`course_lib.atomic.WriteError` names the file and the reason.
     """
     p = paths(folder, iteration)
-    save_safetensors_atomic(p["adapters"], dict(tree_flatten(model.trainable_parameters())))
-    _fault("kill-in-save", iteration)
-    save_safetensors_atomic(p["optimizer"], dict(tree_flatten(optimizer.state)))
-    write_json_atomic(p["state"], {**state, "iteration": iteration})
+    written = []
+    try:
+        save_safetensors_atomic(p["adapters"], dict(tree_flatten(model.trainable_parameters())))
+        written.append(p["adapters"])
+        _fault("kill-in-save", iteration)
+        save_safetensors_atomic(p["optimizer"], dict(tree_flatten(optimizer.state)))
+        written.append(p["optimizer"])
+        write_json_atomic(p["state"], {**state, "iteration": iteration})
+    except atomic.WriteError:
+        if written:  # a state file left from before would now describe other weights
+            for f in (p["state"], *written):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+        raise
     return p["adapters"]
 
 

@@ -30,13 +30,13 @@ if __name__ == "__main__":  # before MLX loads (the tokenizer filter imports it)
 
     reexec_with_fast_blas()
 
-import contextlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from course_lib import atomic
 
 DOLLY_FIELDS = ("instruction", "context", "response", "category")
 HF_REPO_ID = "TeeZee/dolly-15k-pirate-speech"
@@ -252,25 +252,13 @@ def filter_by_tokens(records: list, tokenizer, max_tokens: int) -> tuple[list, l
 
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
     """Write ``records`` as JSON Lines (UTF-8) to ``path`` via a temporary file and a rename,
-    so a reader sees the old file or the new one, never half of one."""
+    so a reader sees the old file or the new one, never half of one
+    (:func:`course_lib.atomic.write_jsonl`). Creates the folder. Raises
+    :class:`course_lib.atomic.WriteError` naming the path when it cannot be written (the
+    temporary file is removed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic.make_folder(path.parent)
+    atomic.write_jsonl(path, records)
 
 
 def load_tokenizer(name: str):
@@ -398,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, DatasetDownloadError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except atomic.WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     for line in s["skipped_rows"]:
         print(f"skipped {line}", file=sys.stderr)
     print(f"read {s['rows'] + s['skipped']} rows ({s['format']} layout) from {s['input']}: "

@@ -36,7 +36,8 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
     """Train (solid) and validation (dashed, dots) loss against iteration, one colour per run.
 
     ``runs`` maps a label to its metric records (see :func:`read_metrics`). Saves a PNG to
-    ``out`` when given. Returns the matplotlib ``Figure``.
+    ``out`` when given, atomically (:class:`course_lib.atomic.WriteError` when it cannot).
+    Returns the matplotlib ``Figure``.
     """
     import matplotlib
 
@@ -61,9 +62,14 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    if out is not None:
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
+    if out is not None:  # whole or not at all (course_lib.atomic): WriteError on failure
+        from course_lib.atomic import atomic_write
+
+        try:
+            with atomic_write(out, "wb") as f:
+                fig.savefig(f, format=Path(out).suffix.lstrip(".") or "png", dpi=100)
+        finally:
+            plt.close(fig)
     return fig
 
 

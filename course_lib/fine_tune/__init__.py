@@ -27,13 +27,15 @@ validation, the loop and the averaging are ours.
 Writes into ``--adapter-path`` (rank 0 only): ``adapters.safetensors`` and
 ``adapter_config.json`` (loadable by ``mlx_lm.load(model, adapter_path=...)`` and
 ``mlx_lm.generate --adapter-path``), ``NNNNNNN_adapters.safetensors`` checkpoints,
-``metrics.jsonl``, ``loss.png`` and ``summary.json``.
+``metrics.jsonl``, ``loss.png`` and ``summary.json``; every file atomically
+(:mod:`course_lib.atomic`), and one run at a time (a lock, ``.fine_tune.lock``).
 
 The package, one job a module: ``options`` (the command line and each model's recipe),
 ``inputs`` (model, data, adapters), ``batches`` (the global batch order, each rank's share),
 ``loss`` (the loss, with logits for every position or only scored ones), ``step``
-(gradients, all-reduce, update), ``loop`` (steps, reports, validation,
-checkpoints), ``outputs`` (what rank 0 writes), ``faults`` (dead and hung ranks) and ``cli``
+(gradients, all-reduce, update), ``loop`` (steps, reports, validation, checkpoints),
+``outputs`` (what rank 0 writes, and the folder's lock), ``interrupts`` (Ctrl-C, SIGTERM and
+failed writes stop every rank together), ``faults`` (dead and hung ranks) and ``cli``
 (``run`` and ``main``).
 """
 
@@ -47,13 +49,14 @@ _EXPORTS = {
                 "resolve_lora_parameters", "check_options", "DEFAULT_DATA",
                 "DEFAULT_ADAPTER_PATH"],
     "inputs": ["load_model", "load_split", "load_data", "add_adapters", "load_resume_weights"],
-    "outputs": ["Outputs", "METRICS_FILE", "SUMMARY_FILE", "PLOT_FILE", "ADAPTER_FILE",
-                "CONFIG_FILE"],
+    "outputs": ["Outputs", "FolderLock", "FolderInUse", "METRICS_FILE", "SUMMARY_FILE",
+                "PLOT_FILE", "ADAPTER_FILE", "CONFIG_FILE", "LOCK_FILE"],
     "loss": ["scored_loss", "loss_function", "output_layer"],
     "step": ["PhaseTimer", "resolve_all_reduce", "resolve_compile", "make_step",
              "training_loss"],
     "batches": ["GlobalBatches", "pad_batch"],
-    "faults": ["Watchdog", "peer_lost_message", "maybe_fault"],
+    "faults": ["Watchdog", "peer_lost_message", "maybe_fault", "arm_timed_fault"],
+    "interrupts": ["StopAgreement", "Interrupted", "StoppedByRankZero", "resume_command"],
     "loop": ["train", "validation_loss"],
     "cli": ["run", "main", "run_settings", "resume_point"],
 }

@@ -4,6 +4,7 @@ start, train, write the summary; errors as one clear line and an exit status."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ from mlx.utils import tree_flatten
 
 from course_lib import checkpoint, models
 from course_lib import distributed as dist
+from course_lib.atomic import WriteError
 from course_lib.data import DataError
 from course_lib.fine_tune.faults import peer_lost_message
 from course_lib.fine_tune.inputs import add_adapters, load_data, load_model, load_resume_weights
+from course_lib.fine_tune.interrupts import (Interrupted, StopAgreement, StoppedByRankZero,
+                                             resume_command)
 from course_lib.fine_tune.loop import train
 from course_lib.fine_tune.options import (DEFAULT_DATA, UsageError, apply_recipe, build_parser,
                                           check_options)
@@ -34,8 +38,8 @@ def run_settings(args, model_id: str, num_layers: int, lora_parameters, data_dir
     ranks may continue on 1 or 4.
     """
     settings = {
-        "model": models.identity(model_id), "fine_tune_type": args.fine_tune_type, "num_layers": num_layers,
-        "lora_parameters": lora_parameters, "batch_size": args.batch_size, "seed": args.seed,
+        "model": models.identity(model_id), "fine_tune_type": args.fine_tune_type,
+        "num_layers": num_layers, "lora_parameters": lora_parameters, "batch_size": args.batch_size, "seed": args.seed,
         "grad_accumulation_steps": args.grad_accumulation_steps,
         "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt,
         "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
@@ -114,7 +118,11 @@ def run(args) -> dict:
     """Fine-tune as ``args`` say (see :func:`build_parser`); return the summary.
 
     Raises :class:`UsageError` / :class:`course_lib.data.DataError` on bad input before
-    anything is written into ``--adapter-path``.
+    anything is written into ``--adapter-path``, and :class:`FolderInUse` (a UsageError)
+    when a live run holds it. On rank 0, :class:`course_lib.atomic.WriteError` when an
+    output cannot be written (the other ranks: :class:`StoppedByRankZero`);
+    :class:`Interrupted` on every rank after Ctrl-C or SIGTERM (see
+    :mod:`course_lib.fine_tune.interrupts`).
     """
     t_start = time.perf_counter()
     group, backend = dist.init_world(args.backend)
@@ -185,11 +193,46 @@ def run(args) -> dict:
                   num_layers=num_layers, lora_parameters=lora_parameters,
                   world_size=size, backend=backend)
     outputs = Outputs(Path(args.adapter_path), enabled=rank == 0)
-    kept = outputs.start(config, resume_from=start if resume is not None else None)
-    history, stats = train(model, optimizer, train_rows, valid_rows, args, group, outputs, log,
-                           settings, start=start, data_state=data_state, history=kept)
-    outputs.adapters(model)
+    try:
+        kept = start_outputs(outputs, config, start if resume is not None else None, group)
+        with StopAgreement(group) as stop:  # Ctrl-C and SIGTERM stop every rank together
+            history, stats = train(model, optimizer, train_rows, valid_rows, args, group,
+                                   outputs, log, settings, start=start, data_state=data_state,
+                                   history=kept, stop=stop)
+        summary = _summary(args, backend, group, config, n_train,
+                           start if resume is not None else None, history, stats,
+                           time.perf_counter() - t_start)
+        outputs.adapters(model)
+        outputs.finish(summary, history)
+    finally:
+        outputs.close()
+    log(f"Done in {summary['seconds']:.1f} s ({summary['tokens_per_second']:.0f} tokens/s "
+        f"training). Adapters, loss.png, metrics.jsonl and summary.json are in "
+        f"{args.adapter_path}")
+    return summary
 
+
+def start_outputs(outputs: Outputs, config: dict, resume_from: int | None, group) -> list:
+    """``outputs.start`` on rank 0, and its failure on every rank: rank 0 raises it
+    (:class:`FolderInUse`, :class:`course_lib.atomic.WriteError`), the others
+    :class:`StoppedByRankZero`, so that none waits in an all-reduce for a rank 0 that left.
+    Returns the metric records kept from before ``resume_from``."""
+    kept, error = [], None
+    try:
+        kept = outputs.start(config, resume_from=resume_from)
+    except (UsageError, WriteError) as e:
+        error = e
+    status = checkpoint.broadcast_json(None if error is None else
+                                       2 if isinstance(error, UsageError) else 5, group)
+    if status is not None:
+        raise error if group.rank() == 0 else StoppedByRankZero(status)
+    return kept
+
+
+def _summary(args, backend, group, config, n_train, resumed_from, history, stats,
+             seconds) -> dict:
+    """What ``summary.json`` holds (see the package's docstring)."""
+    size = group.size()
     train_losses = [h["loss"] for h in history if h["split"] == "train"]
     valid_losses = [h["loss"] for h in history if h["split"] == "valid"]
     summary = {
@@ -202,7 +245,7 @@ def run(args) -> dict:
         "all_reduce": resolve_all_reduce(args.all_reduce, group),
         "compiled": resolve_compile(args.compile),
         "loss": stats["loss"],
-        "seconds": time.perf_counter() - t_start,
+        "seconds": seconds,
         "train_seconds": stats["train_seconds"],
         "train_tokens": stats["train_tokens"],
         "tokens_per_second": stats["train_tokens"] / max(stats["train_seconds"], 1e-9),
@@ -216,35 +259,77 @@ def run(args) -> dict:
         "trainable_parameters": n_train,
         "mlx_version": mx.__version__,
         "blas": os.environ.get("COURSE_LIB_FAST_BLAS_ACTIVE", "bundled"),
-        "resumed_from": start if resume is not None else None,
+        "resumed_from": resumed_from,
     }
     if "step_seconds" in stats:  # mean seconds per step in each phase (rank 0's clock)
         summary["step_seconds"] = stats["step_seconds"]
-    outputs.finish(summary, history)
-    log(f"Done in {summary['seconds']:.1f} s ({summary['tokens_per_second']:.0f} tokens/s "
-        f"training). Adapters, loss.png, metrics.jsonl and summary.json are in "
-        f"{args.adapter_path}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exit status 0 on success, 2 on bad input (with one clear line)."""
+    """CLI entry point. Exit status: 0 done; 2 bad input or ``--adapter-path`` in use by a
+    live run; 3 no step for ``--step-timeout`` s (:class:`Watchdog`); 4 a ring peer lost;
+    5 an output could not be written; 128 + N stopped by signal N (130 Ctrl-C, 143
+    SIGTERM). Each with one clear line (on rank 0 for 5 and 128 + N)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    folder = Path(args.adapter_path)
     try:
         run(args)
     except (UsageError, DataError) as e:
         prefix = "" if dist.world_size() == 1 else f"[rank {dist.rank()}] "
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 2
+    except WriteError as e:  # rank 0; the others stop with StoppedByRankZero
+        print(f"error: {e}. {_what_is_kept(folder)}", file=sys.stderr, flush=True)
+        return 5
+    except StoppedByRankZero as e:
+        return e.exit_status
+    except Interrupted as e:
+        if dist.rank() == 0:
+            print(_interrupted_message(e, args, argv), file=sys.stderr, flush=True)
+        return e.exit_status
+    except KeyboardInterrupt:  # before training started (then StopAgreement handles it)
+        print("Interrupted before training started; nothing to save.", file=sys.stderr,
+              flush=True)
+        return 128 + signal.SIGINT
     except RuntimeError as e:
         # The ring backend raises when a peer's connection drops (a rank died); MPI instead
         # has mpirun end every rank and name the dead one itself.
         if "[ring]" not in str(e):
             raise
-        last = checkpoint.latest(Path(args.adapter_path))
+        last = checkpoint.latest(folder)
         kept = (f"the last complete checkpoint (iteration {last}) is intact: continue with "
                 "--resume" if last is not None else "no checkpoint was written yet")
         print(f"error: {peer_lost_message(dist.world(), 'ring', e)} Stopping; {kept}.",
               file=sys.stderr, flush=True)
         return 4
     return 0
+
+
+def _what_is_kept(folder: Path) -> str:
+    last = checkpoint.latest(folder)
+    if last is None:
+        return "No checkpoint was written yet"
+    return (f"The checkpoint at iteration {last} in {folder} is whole: continue with --resume "
+            "once the folder can be written")
+
+
+def _interrupted_message(e: Interrupted, args, argv: list[str]) -> str:
+    """What rank 0 prints when a signal stopped the run: what was saved, and the command
+    that continues."""
+    size = dist.world_size()
+    name = signal.Signals(e.signum).name
+    where = (" on " + ", ".join(f"rank {r}" for r in sorted(e.ranks))) if size > 1 else ""
+    text = f"Stopped by {name}{where} after step {e.iteration} of {args.iters}: "
+    if e.saved is not None:
+        text += f"saved the checkpoint at iteration {e.saved} in {args.adapter_path}."
+    else:
+        text += f"could not save a checkpoint ({e.save_error})."
+        last = checkpoint.latest(Path(args.adapter_path))
+        if last is None:
+            return (text + " No checkpoint to continue from; start again with:\n  "
+                    + resume_command(argv, size, dist.detect_backend() or "", resume=False))
+        text += f" The checkpoint at iteration {last} is whole."
+    return (text + " Continue with:\n  "
+            + resume_command(argv, size, dist.detect_backend() or ""))

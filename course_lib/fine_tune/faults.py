@@ -46,13 +46,39 @@ class Watchdog:
                 os._exit(3)
 
 
-def maybe_fault(rank: int, iteration: int) -> None:
-    """Test hook: ``COURSE_LIB_FAULT=kill-rank-R@N`` SIGKILLs rank R when step N starts
-    (a crash); ``stop-rank-R@N`` SIGSTOPs it (a closed laptop: alive but silent)."""
+def maybe_fault(rank: int, where: int | str) -> None:
+    """Test hooks, set by ``COURSE_LIB_FAULT``: ``kill-rank-R@N`` SIGKILLs rank R when step
+    N starts (a crash); ``stop-rank-R@N`` SIGSTOPs it (a closed laptop: alive but silent);
+    ``kill-rank-R@eval-N`` SIGKILLs it as the validation at step N starts (N may be 0).
+    (``kill-in-save@N``, in the middle of rank 0's checkpoint save, lives in
+    :mod:`course_lib.checkpoint`; ``kill-rank-R@after-Ts`` in :func:`arm_timed_fault`.)
+    Each prints ``fault injected: ...`` with the time (``time.time()``, seconds) first."""
     import signal
 
     fault = os.environ.get("COURSE_LIB_FAULT")
-    if fault == f"kill-rank-{rank}@{iteration}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == f"stop-rank-{rank}@{iteration}":
-        os.kill(os.getpid(), signal.SIGSTOP)
+    if fault == f"kill-rank-{rank}@{where}":
+        _inject(fault, rank, signal.SIGKILL)
+    if fault == f"stop-rank-{rank}@{where}":
+        _inject(fault, rank, signal.SIGSTOP)
+
+
+def arm_timed_fault(rank: int) -> None:
+    """Test hook: ``COURSE_LIB_FAULT=kill-rank-R@after-Ts`` SIGKILLs rank R ``T`` seconds
+    (a float) after training starts, wherever it then is: in a step, an all-reduce, a
+    validation or a save (the soak test's random moment)."""
+    import re
+    import signal
+    import threading
+
+    fault = os.environ.get("COURSE_LIB_FAULT", "")
+    m = re.fullmatch(rf"kill-rank-{rank}@after-([0-9.]+)s", fault)
+    if m:
+        timer = threading.Timer(float(m.group(1)), _inject, (fault, rank, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+
+
+def _inject(fault: str, rank: int, signum: int) -> None:
+    print(f"fault injected: {fault}: {signum.name} rank {rank} at {time.time():.3f}",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signum)

@@ -10,7 +10,8 @@ import mlx.core as mx
 
 from course_lib import distributed as dist
 from course_lib.fine_tune.batches import GlobalBatches
-from course_lib.fine_tune.faults import Watchdog, maybe_fault
+from course_lib.fine_tune.faults import Watchdog, arm_timed_fault, maybe_fault
+from course_lib.fine_tune.interrupts import Interrupted, StopAgreement, StoppedByRankZero
 from course_lib.fine_tune.outputs import Outputs
 from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
 
@@ -39,9 +40,15 @@ def validation_loss(model, valid_rows, args, group, loss_fn) -> float:
 
 def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Outputs, log,
           settings: dict, start: int = 0, data_state: dict | None = None,
-          history: list[dict] | None = None):
+          history: list[dict] | None = None, stop: StopAgreement | None = None):
     """The loop: optimizer steps ``start + 1`` to ``args.iters``, with reports, validation
     and checkpoints (which record ``settings`` and the data order).
+
+    After every step the ranks agree whether to stop (``stop``, see
+    :mod:`course_lib.fine_tune.interrupts`): on Ctrl-C or SIGTERM on any rank, rank 0
+    saves that step as a checkpoint and every rank raises :class:`Interrupted`; when rank
+    0 could not write, it raises :attr:`Outputs.error` and the other ranks
+    :class:`StoppedByRankZero`.
 
     Returns ``(history, stats)``: the metric records (earlier ones first, when resuming)
     and totals (seconds of training, tokens, the loss function's name).
@@ -60,6 +67,8 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         batches.restore(data_state)
     history = list(history or [])
     watchdog = Watchdog(args.step_timeout, rank)
+    stop = stop or StopAgreement(group)
+    arm_timed_fault(rank)
 
     def record(kind, it, loss, **extra):
         rec = {"iteration": it, "split": kind, "loss": loss, "world_size": size, **extra}
@@ -70,11 +79,26 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     def validate(it, bar=None):
         if not valid_rows:
             return
+        maybe_fault(rank, f"eval-{it}")
         tic = time.perf_counter()
         loss = validation_loss(model, valid_rows, args, group, loss_fn)
         record("valid", it, loss, seconds=time.perf_counter() - tic)
         log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)", bar)
         watchdog.beat()
+
+    def save(it, bar=None):
+        saved = outputs.checkpoint(it, model, optimizer,
+                                   {"data_order": batches.state(), "settings": settings})
+        if saved:
+            log(f"Iter {it}: saved checkpoint {saved}", bar)
+        return saved
+
+    def stop_after(it):
+        if stop.write_failed:  # rank 0 could not write: it names the file and the cause
+            raise outputs.error if rank == 0 else StoppedByRankZero(5)
+        saved = save(it) if rank == 0 else None
+        dist.barrier(group)  # the others wait for the save: mpirun ends all once one exits
+        raise Interrupted(stop.signum, stop.ranks, it, it if saved else None, outputs.error)
 
     model.train()
     if start == 0:
@@ -83,6 +107,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     window_loss, window_toks, window_time = mx.array(0.0), mx.array(0), 0.0
     train_seconds, train_tokens = 0.0, 0
     phase_totals = dict.fromkeys(PhaseTimer.PHASES, 0.0)
+    stopping = False
     for it in range(start + 1, args.iters + 1):
         maybe_fault(rank, it)
         tic = time.perf_counter()
@@ -99,8 +124,12 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         window_time += time.perf_counter() - tic
         watchdog.beat()
         bar.update(1)
+        # Did any rank get Ctrl-C/SIGTERM, or rank 0 fail to write? All ranks learn it
+        # here, in one small all-reduce, and stop after this same step (interrupts.py).
+        # After the last step the run ends anyway.
+        stopping = stop.agree(write_failed=outputs.error is not None) and it < args.iters
 
-        if it % args.steps_per_report == 0 or it == args.iters:
+        if it % args.steps_per_report == 0 or it == args.iters or stopping:
             # Global loss: sum of token losses over all ranks / all their tokens.
             totals = dist.all_sum(mx.stack([window_loss, window_toks.astype(mx.float32)]), group)
             loss, toks = totals[0].item() / totals[1].item(), int(totals[1].item())
@@ -124,14 +153,15 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
                 f"peak memory {rec['peak_memory_gb']:.3f} GB", bar)
             window_loss, window_toks, window_time = mx.array(0.0), mx.array(0), 0.0
 
+        if stopping:
+            break
         if it % args.steps_per_eval == 0 or it == args.iters:
             validate(it, bar)
         if it % args.save_every == 0:
-            saved = outputs.checkpoint(it, model, optimizer,
-                                       {"data_order": batches.state(), "settings": settings})
-            if saved:
-                log(f"Iter {it}: saved checkpoint {saved}", bar)
+            save(it, bar)
     bar.close()
+    if stopping:
+        stop_after(it)
     stats = {"train_seconds": train_seconds, "train_tokens": train_tokens, "loss": loss_name}
     if timer.enabled:
         stats["step_seconds"] = {k: v / (args.iters - start) for k, v in phase_totals.items()}

@@ -1,77 +1,181 @@
 """Everything a fine-tune writes into ``--adapter-path`` (rank 0 only): the adapter and its
-config, checkpoints, ``metrics.jsonl``, ``summary.json`` and ``loss.png``."""
+config, checkpoints, ``metrics.jsonl``, ``summary.json`` and ``loss.png``; and the lock
+that keeps a second run out of a folder a live run is using.
+
+Every file is written whole or not at all (:mod:`course_lib.atomic`). A write that fails
+during training (disk full, read-only, permission denied) does not raise at once: it is
+kept in :attr:`Outputs.error`, later writes are skipped, and the loop stops every rank at
+the end of the step (:mod:`course_lib.fine_tune.interrupts`), so that no rank is left
+waiting in an all-reduce for a rank 0 that left.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from course_lib import checkpoint
+from course_lib import atomic, checkpoint
+from course_lib.atomic import WriteError
+from course_lib.fine_tune.options import UsageError
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
+LOCK_FILE = ".fine_tune.lock"
+
+
+class FolderInUse(UsageError):
+    """Another live fine-tune holds the folder's lock."""
+
+
+class FolderLock:
+    """One run per folder: an exclusive ``flock(2)`` on ``FOLDER/.fine_tune.lock``.
+
+    :meth:`acquire` raises :class:`FolderInUse` (naming the holder's PID, host and start
+    time, which the holder writes into the file) while another process holds it. The
+    kernel drops a ``flock`` when its process ends, however it ends (SIGKILL, a crash, a
+    closed laptop's reboot), so a dead run never leaves the folder locked and nothing needs
+    deleting. The file itself stays. Works on local file systems; on NFS, Linux emulates
+    ``flock`` with ``fcntl`` byte-range locks (since 2.6.12), which the server then keeps.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`FolderInUse`; :class:`WriteError` when the lock
+        file cannot be created (read-only folder, permission denied...)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # name the folder: the user's path, not our hidden file
+            raise WriteError(self.path.parent, e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            raise FolderInUse(f"--adapter-path {self.path.parent} is in use by another "
+                              f"fine-tune ({_describe_holder(holder)}); wait for it to end "
+                              "or stop it, or choose another --adapter-path") from None
+        with contextlib.suppress(OSError):  # who holds it: for the message above only
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _whole_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``, leaving out a line a killed run cut short."""
+    records = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"process {h['pid']} on {h['host']}, started {h['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that holds its lock file"
 
 
 class Outputs:
-    """Everything the run writes. On ranks other than 0 every method does nothing."""
+    """Everything the run writes. On ranks other than 0 every method does nothing.
+
+    ``error`` is the first :class:`course_lib.atomic.WriteError` of a write during training
+    (:meth:`metric`, :meth:`checkpoint`); once set, those writes are skipped, and
+    :meth:`adapters` and :meth:`finish` raise it.
+    """
 
     def __init__(self, folder: Path, enabled: bool):
         self.folder, self.enabled = Path(folder), enabled
-        self._metrics = None
+        self.error: WriteError | None = None
+        self._metrics: Path | None = None
+        self._lock = FolderLock(self.folder)
 
     def start(self, config: dict, resume_from: int | None = None) -> list[dict]:
-        """Create the folder, write ``adapter_config.json`` and open ``metrics.jsonl``.
+        """Create the folder, take its lock (:class:`FolderLock`), remove the temporary
+        files a killed run left, write ``adapter_config.json`` and start ``metrics.jsonl``.
 
         When resuming from iteration ``resume_from``, keep the metric records up to it (the
-        steps after it will run again) and return them; otherwise start the file afresh.
+        steps after it will run again; a last line cut short by a kill is dropped) and
+        return them; otherwise start the file afresh. Raises :class:`FolderInUse` or
+        :class:`WriteError` (the folder is a file, read-only, full...) before writing
+        anything else.
         """
         if not self.enabled:
             return []
-        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic.make_folder(self.folder)
+        self._lock.acquire()
+        atomic.remove_stale_temporaries(self.folder)
         checkpoint.write_json_atomic(self.folder / CONFIG_FILE, config)
+        self._metrics = self.folder / METRICS_FILE
         kept: list[dict] = []
-        metrics = self.folder / METRICS_FILE
-        if resume_from is not None and metrics.exists():
-            from course_lib.plotting import read_metrics
-
-            kept = [r for r in read_metrics(metrics) if r["iteration"] <= resume_from]
-            tmp = metrics.with_name(f".{METRICS_FILE}.tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, metrics)
-        self._metrics = open(metrics, "a" if resume_from is not None else "w")
+        if resume_from is not None and self._metrics.exists():
+            kept = [r for r in _whole_records(self._metrics) if r["iteration"] <= resume_from]
+        if resume_from is None or self._metrics.exists():
+            atomic.write_jsonl(self._metrics, kept)
         return kept
 
     def metric(self, record: dict) -> None:
-        if self._metrics:
-            self._metrics.write(json.dumps(record) + "\n")
-            self._metrics.flush()
+        """Append one record to ``metrics.jsonl``. On failure the file is cut back to its
+        previous length (no half line) and the error kept in :attr:`error`."""
+        if not self._metrics or self.error:
+            return
+        size = self._metrics.stat().st_size if self._metrics.exists() else 0
+        try:
+            with open(self._metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self._metrics, size)
+            self.error = WriteError(self._metrics, e)
 
     def adapters(self, model) -> None:
-        """Save the trainable weights as ``adapters.safetensors``."""
+        """Save the trainable weights as ``adapters.safetensors``; raises :attr:`error`
+        when an earlier write failed, or :class:`WriteError`."""
         if self.enabled:
+            self._raise_error()
             weights = dict(tree_flatten(model.trainable_parameters()))
             checkpoint.save_safetensors_atomic(self.folder / ADAPTER_FILE, weights)
 
     def checkpoint(self, iteration: int, model, optimizer, state: dict) -> Path | None:
         """Write the checkpoint at ``iteration`` (see :mod:`course_lib.checkpoint`) and
-        update ``adapters.safetensors``; returns the checkpoint's adapter file."""
-        if not self.enabled:
+        update ``adapters.safetensors``; returns the checkpoint's adapter file, or None
+        when not written (other ranks; a write failed: see :attr:`error`)."""
+        if not self.enabled or self.error:
             return None
-        saved = checkpoint.save(self.folder, iteration, model, optimizer, state)
-        self.adapters(model)
+        try:
+            saved = checkpoint.save(self.folder, iteration, model, optimizer, state)
+            self.adapters(model)
+        except WriteError as e:
+            self.error = e
+            return None
         return saved
 
     def finish(self, summary: dict, history: list[dict]) -> None:
+        """Write ``summary.json`` and ``loss.png`` and release the folder's lock; raises
+        :attr:`error` when an earlier write failed, or :class:`WriteError`."""
         if not self.enabled:
             return
-        if self._metrics:
-            self._metrics.close()
+        self._raise_error()
         checkpoint.write_json_atomic(self.folder / SUMMARY_FILE, summary)
         from course_lib.plotting import plot_loss_curves
 
@@ -79,3 +183,12 @@ class Outputs:
         label = f"{n} rank{'s' if n > 1 else ''}"
         plot_loss_curves({label: history}, self.folder / PLOT_FILE,
                          title=f"Fine-tune, {label}, global batch {summary['global_batch']}")
+        self.close()
+
+    def close(self) -> None:
+        """Release the folder's lock (also when the run ends early)."""
+        self._lock.release()
+
+    def _raise_error(self):
+        if self.error is not None:
+            raise self.error
