@@ -35,18 +35,23 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_map
 
-BACKENDS = ("auto", "mpi", "ring", "any")
+BACKENDS = ("auto", "mpi", "ring", "nccl", "any")
 
 
 def detect_backend(environ=None) -> str | None:
     """The backend the launcher of this process set up, or None for a lone process.
 
     ``mpi`` when ``mpirun`` (OpenMPI ``OMPI_COMM_WORLD_SIZE``, MPICH/Hydra ``PMI_SIZE``)
-    started us; ``ring`` when ``mlx.launch`` did (``MLX_HOSTFILE`` and ``MLX_RANK``).
+    started us; ``ring`` when ``mlx.launch`` did (``MLX_HOSTFILE`` and ``MLX_RANK``);
+    ``nccl`` when ``mlx.launch --backend nccl`` did, on NVIDIA GPUs (``MLX_RANK``,
+    ``MLX_WORLD_SIZE`` and rank 0's ``NCCL_HOST_IP``, as ``mlx/_distributed_utils/launch.py``
+    sets them).
     """
     env = os.environ if environ is None else environ
     if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
         return "mpi"
+    if "MLX_RANK" in env and "MLX_WORLD_SIZE" in env and "NCCL_HOST_IP" in env:
+        return "nccl"
     if "MLX_RANK" in env and "MLX_HOSTFILE" in env:
         return "ring"
     return None
@@ -77,8 +82,10 @@ def init_world(backend: str = "auto") -> tuple[mx.distributed.Group, str]:
     try:
         group = mx.distributed.init(strict=True, backend=backend)
     except RuntimeError as e:
-        hint = ("start the ranks with `mlx.launch -n N ...`" if backend == "ring"
-                else "start the ranks with `mpirun -np N ...`")
+        hint = {"ring": "start the ranks with `mlx.launch -n N ...`",
+                "nccl": "start the ranks with `mlx.launch --backend nccl -n N ...` on a "
+                        "machine with N NVIDIA GPUs and MLX's CUDA build (COURSE_CUDA=1 bash "
+                        "scripts/setup.sh)"}.get(backend, "start the ranks with `mpirun -np N ...`")
         raise RuntimeError(f"could not start the {backend} backend ({e}); {hint}") from e
     return group, backend
 

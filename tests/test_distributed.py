@@ -43,6 +43,9 @@ def test_detect_backend_from_launcher_environment():
     assert detect_backend({}) is None
     assert detect_backend({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
     assert detect_backend({"MLX_RANK": "0", "MLX_HOSTFILE": "/tmp/h"}) == "ring"
+    # What mlx.launch --backend nccl sets for each rank (mlx/_distributed_utils/launch.py).
+    assert detect_backend({"MLX_RANK": "1", "MLX_WORLD_SIZE": "2",
+                           "NCCL_HOST_IP": "10.0.0.1", "NCCL_PORT": "12345"}) == "nccl"
 
 
 def test_unknown_backend_is_refused():

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-dropout", type=float, default=0.0,
       help="dropout on the LoRA input (default 0; >0 makes N-rank and 1-rank runs differ)")
     a("--backend", choices=dist.BACKENDS, default="auto",
-      help="distributed backend; auto: mpi under mpirun, ring under mlx.launch")
+      help="distributed backend; auto: mpi under mpirun, ring under mlx.launch, nccl under "
+      "mlx.launch --backend nccl (NVIDIA GPUs)")
     a("--loss-weighting", choices=["tokens", "ranks"], default="tokens",
       help="tokens: exact full-batch gradient; ranks: mean of per-rank means (mlx_lm's)")
     a("--loss", choices=["scored", "all"], default="scored",
