@@ -55,9 +55,14 @@ def matmul_peak(repeats: int = 5) -> float:
     return max(rates)
 
 
-def step_flops(iters: int, seed: int = 0) -> list[dict]:
+def step_flops(iters: int, seed: int = 0, model: str | None = None, batch_size: int = 8,
+               full: bool = False) -> list[dict]:
     """FLOPs of each of the first ``iters`` steps of the default recipe (see the module
-    docstring): ``[{"flops", "tokens", "scored"}]``, from the batches the fine-tune takes."""
+    docstring) on ``model`` (a folder with SmolLM2's ``config.json`` and tokenizer; default
+    the converted SmolLM2), at global batch ``batch_size``; ``full``: a full fine-tune of
+    every layer instead (weight gradients too: 6 N per token, the output layer's included,
+    PaLM's appendix B). Returns ``[{"flops", "tokens", "scored"}]``, from the batches the
+    fine-tune takes."""
     import numpy as np
 
     from course_lib.data import load_tokenizer
@@ -65,16 +70,18 @@ def step_flops(iters: int, seed: int = 0) -> list[dict]:
     from course_lib.fine_tune.batches import GlobalBatches
     from course_lib.models import resolve
 
-    args = build_parser().parse_args(["--model", "smollm2", "--seed", str(seed)])
+    folder = model or resolve("smollm2:float32")
+    args = build_parser().parse_args(["--model", "smollm2", "--seed", str(seed),
+                                      "--batch-size", str(batch_size)])
     apply_recipe(args)
-    config = json.loads((Path(resolve("smollm2:float32")) / "config.json").read_text())
+    config = json.loads((Path(folder) / "config.json").read_text())
     d, f, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     q = config["num_attention_heads"] * config["head_dim"]  # width of queries and of o's input
     kv = config["num_key_value_heads"] * config["head_dim"]
     vocab, k, r = config["vocab_size"], args.num_layers, args.lora_rank
     n_layer = d * q * 2 + d * kv * 2 + d * f * 3  # q, o; k, v; gate, up, down
     lora = r * (2 * (d + q) + 2 * (d + kv) + 2 * (d + f) + (f + d))
-    train, _ = load_data(DATA, load_tokenizer("smollm2:float32"), args)
+    train, _ = load_data(DATA, load_tokenizer(str(folder)), args)
     batches = GlobalBatches(train, args.batch_size, args.seed)
     steps = []
     for _ in range(iters):
@@ -83,10 +90,13 @@ def step_flops(iters: int, seed: int = 0) -> list[dict]:
         t = lengths[:, 1]  # real tokens per row, each an input position
         scored = int((lengths[:, 1] - np.maximum(lengths[:, 0], 1) + 1).sum())
         causal = float((t * (t + 1) / 2).sum())  # sum over positions of the tokens attended
-        flops = (2 * n_layer * n_layers * t.sum() + 4 * q * n_layers * causal  # forward
-                 + 4 * vocab * d * scored  # output layer, forward and backward
-                 + 2 * n_layer * k * t.sum() + 8 * q * k * causal  # backward, k layers
-                 + 6 * lora * k * t.sum())  # LoRA: forward and both gradients
+        forward = 2 * n_layer * n_layers * t.sum() + 4 * q * n_layers * causal
+        if full:  # input and weight gradients of every layer and of the output layer
+            flops = 3 * forward + 6 * vocab * d * scored
+        else:
+            flops = (forward + 4 * vocab * d * scored  # output layer, forward and backward
+                     + 2 * n_layer * k * t.sum() + 8 * q * k * causal  # backward, k layers
+                     + 6 * lora * k * t.sum())  # LoRA: forward and both gradients
         steps.append({"flops": float(flops), "tokens": int(t.sum()), "scored": scored})
     return steps
 

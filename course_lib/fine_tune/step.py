@@ -62,13 +62,16 @@ def resolve_all_reduce(choice: str, group) -> str:
 
 def resolve_compile(choice: bool | None) -> bool:
     """Whether to ``mx.compile`` the step for ``--compile``/``--no-compile`` (``choice``) or
-    neither (``None``): on a GPU yes (Metal kernels fuse and launch less often, which is why
-    mlx_lm compiles its step); on a CPU no, since benchmarks/step_anatomy.py measured the
-    compiled step no faster there (0.84-0.92x at 1 rank, 0.97-1.08x at 2, two runs on a
-    2-core x86 machine; benchmarks/README.md)."""
+    neither (``None``): on an Apple GPU yes (Metal kernels fuse and launch less often, which
+    is why mlx_lm compiles its step); elsewhere no. Measured: on a 2-core x86 CPU the
+    compiled step was no faster (0.84-0.92x at 1 rank, 0.97-1.08x at 2;
+    benchmarks/step_anatomy.py); on an NVIDIA H200 each new batch shape costs seconds of
+    tracing, so the course's 30-step LoRA ran at 0.06x compiled and only a 150-step run came
+    out ahead (1.33x), and full fine-tuning at batch 32 ran at 0.28x (benchmarks/gpu.py,
+    results/gpu.json)."""
     if choice is not None:
         return choice
-    return mx.default_device() == mx.gpu
+    return mx.metal.is_available()
 
 
 def training_loss(args, model):
