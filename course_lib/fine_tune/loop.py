@@ -12,6 +12,7 @@ from course_lib import distributed as dist
 from course_lib.fine_tune.batches import GlobalBatches
 from course_lib.fine_tune.faults import Watchdog, maybe_fault
 from course_lib.fine_tune.outputs import Outputs
+from course_lib.fine_tune.reporting import Reporter
 from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
 
 
@@ -51,7 +52,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     size, rank = group.size(), group.rank()
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    timer = PhaseTimer(args.step_timing)
+    timer = PhaseTimer(args.step_timing or args.rank_timing, barrier=args.step_timing)
     step = make_step(model, optimizer, args, group, timer)
     state = [model.state, optimizer.state]
     batches = GlobalBatches(train_rows, args.batch_size, args.seed)
@@ -59,6 +60,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         batches.restore(data_state)
     history = list(history or [])
     watchdog = Watchdog(args.step_timeout, rank)
+    reporter = Reporter(group, args, start)  # per-rank numbers and --report-to
 
     def record(kind, it, loss, **extra):
         rec = {"iteration": it, "split": kind, "loss": loss, "world_size": size, **extra}
@@ -72,6 +74,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         tic = time.perf_counter()
         loss = validation_loss(model, valid_rows, args, group)
         record("valid", it, loss, seconds=time.perf_counter() - tic)
+        reporter.validation(it, loss, time.perf_counter() - tic)
         log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)", bar)
         watchdog.beat()
 
@@ -108,16 +111,22 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
             peak = mx.array(mx.get_peak_memory() / 1e9)  # this rank's; report the largest
             if size > 1:
                 peak = mx.distributed.all_max(peak, group=group)
-            extra = {}
-            if timer.enabled:
+            # Each rank's own numbers (step time, its wait at the all-reduce, tokens,
+            # memory) to rank 0 in one all_gather: the dashboard's series per rank.
+            ranks = reporter.gather(window_time, window_loss, window_toks, timer)
+            extra = reporter.cost()
+            if args.step_timing:
                 extra["phase_seconds"] = dict(timer.seconds)
                 for k, v in timer.seconds.items():
                     phase_totals[k] += v
-                timer.reset()
+            timer.reset()
             rec = record("train", it, loss, tokens=toks, seconds=window_time,
                          tokens_per_second=toks / window_time,
                          learning_rate=float(optimizer.learning_rate.item()),
                          peak_memory_gb=peak.item(), **extra)
+            for r in ranks:
+                record("rank", it, **r)
+            reporter.train(rec, ranks)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_second']:.0f}")
             log(f"Iter {it}: train loss {loss:.3f}, {rec['tokens_per_second']:.0f} tokens/s, "
                 f"peak memory {rec['peak_memory_gb']:.3f} GB", bar)
@@ -131,8 +140,9 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
             if saved:
                 log(f"Iter {it}: saved checkpoint {saved}", bar)
     bar.close()
+    reporter.close()
     stats = {"train_seconds": train_seconds, "train_tokens": train_tokens}
-    if timer.enabled:
+    if args.step_timing:
         stats["step_seconds"] = {k: v / (args.iters - start) for k, v in phase_totals.items()}
     return history, stats
 
