@@ -84,6 +84,21 @@ def test_every_rank_reports_its_own_numbers(two_rank_run):
 
 
 @pytest.mark.distributed
+def test_per_rank_times_plot_one_line_per_rank(two_rank_run, tmp_path):
+    from course_lib.plotting import plot_rank_times, read_metrics
+
+    fig = plot_rank_times(read_metrics(two_rank_run), tmp_path / "ranks.png")
+    ranks = records(two_rank_run, "rank")
+    for ax, field in zip(fig.axes, ["forward_backward_seconds", "all_reduce_wait_seconds",
+                                    "step_seconds"]):
+        assert [list(line.get_ydata()) for line in ax.get_lines()] == [
+            [r[field] for r in ranks if r["rank"] == rank] for rank in (0, 1)]
+    assert (tmp_path / "ranks.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no per-rank phase times"):
+        plot_rank_times(records(two_rank_run, "train"))
+
+
+@pytest.mark.distributed
 def test_event_files_hold_metrics_jsonl_per_rank(two_rank_run):
     """TensorBoard's reader finds the run's series: global train and validation loss equal
     to metrics.jsonl's, and every rank's loss, step time and wait equal to its records."""

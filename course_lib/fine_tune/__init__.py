@@ -26,13 +26,15 @@ Model loading, LoRA layers, datasets, batching, the loss and validation are ``ml
 Writes into ``--adapter-path`` (rank 0 only): ``adapters.safetensors`` and
 ``adapter_config.json`` (loadable by ``mlx_lm.load(model, adapter_path=...)`` and
 ``mlx_lm.generate --adapter-path``), ``NNNNNNN_adapters.safetensors`` checkpoints,
-``metrics.jsonl``, ``loss.png`` and ``summary.json``.
+``metrics.jsonl`` (with one record per rank and report), ``loss.png`` and ``summary.json``;
+with ``--report-to tensorboard``, TensorBoard event files in ``tensorboard/``
+(``python -m course_lib.monitor ADAPTER_PATH`` serves them).
 
 The package, one job a module: ``options`` (the command line and each model's recipe),
 ``inputs`` (model, data, adapters), ``batches`` (the global batch order, each rank's share),
 ``step`` (gradients, all-reduce, update), ``loop`` (steps, reports, validation,
-checkpoints), ``outputs`` (what rank 0 writes), ``faults`` (dead and hung ranks) and ``cli``
-(``run`` and ``main``).
+checkpoints), ``reporting`` (every rank's numbers on rank 0, ``--report-to``), ``outputs``
+(what rank 0 writes), ``faults`` (dead and hung ranks) and ``cli`` (``run`` and ``main``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ _EXPORTS = {
     "batches": ["GlobalBatches", "pad_batch"],
     "faults": ["Watchdog", "peer_lost_message", "maybe_fault"],
     "loop": ["train", "validation_loss"],
+    "reporting": ["Reporter", "TensorBoardCallback", "reporting_callbacks", "check_report_to",
+                  "gather_hosts", "run_name"],
     "cli": ["run", "main", "run_settings", "resume_point"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
