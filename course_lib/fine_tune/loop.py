@@ -73,9 +73,10 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
             return
         tic = time.perf_counter()
         loss = validation_loss(model, valid_rows, args, group)
-        record("valid", it, loss, seconds=time.perf_counter() - tic)
-        reporter.validation(it, loss, time.perf_counter() - tic)
-        log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)", bar)
+        seconds = time.perf_counter() - tic
+        record("valid", it, loss, seconds=seconds)
+        reporter.validation(it, loss, seconds)
+        log(f"Iter {it}: validation loss {loss:.3f} ({seconds:.1f} s)", bar)
         watchdog.beat()
 
     model.train()

@@ -20,7 +20,6 @@ tensorboardX.
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 import socket
 import time
@@ -81,8 +80,9 @@ class Reporter:
         ``tokens``: its summed token loss and target-token count (``mx.array`` scalars);
         ``timer``: its :class:`~course_lib.fine_tune.step.PhaseTimer` for the window.
         Rank 0 gets one dict per rank, in rank order: ``rank``, ``host``, ``loss`` (the
-        rank's own mean loss per target token, nats), ``tokens``, ``step_seconds`` (wall
-        seconds per step) and, when the timer ran, ``forward_backward_seconds`` and
+        rank's own mean loss per target token, nats; None when it had no target tokens),
+        ``tokens``, ``step_seconds`` (wall seconds per step) and, when the timer ran,
+        ``forward_backward_seconds`` and
         ``all_reduce_wait_seconds`` (per step; at the all-reduce: waiting for the slowest
         rank plus the exchange, or the barrier's wait plus the all-reduce with
         ``--step-timing``), then ``peak_memory_gb`` (the rank's peak, 1e9 bytes). Other
@@ -106,7 +106,7 @@ class Reporter:
         for r, row in enumerate(rows):
             got = dict(zip(GATHERED, row))
             rec = {"rank": r, "host": self.hosts[r],
-                   "loss": got["loss_sum"] / got["tokens"] if got["tokens"] else math.nan,
+                   "loss": got["loss_sum"] / got["tokens"] if got["tokens"] else None,
                    "tokens": int(got["tokens"]), "step_seconds": got["seconds"] / steps}
             if timer.enabled:
                 rec["forward_backward_seconds"] = got["forward_backward_seconds"] / steps
