@@ -9,7 +9,7 @@ echo "== the course's model: MFU, 2 ranks against 1, step anatomy, dtypes"
 "$py" real_model.py
 echo "== peer_comparison on the course's model"
 "$py" peer_comparison.py --model smollm2 --iters 10 --repeats 2
-for b in peer_comparison blas all_reduce ring_latency step_anatomy memory; do
+for b in peer_comparison blas all_reduce ring_latency step_anatomy memory rank_metrics; do
     echo "== $b"
     "$py" "$b.py"
 done

@@ -9,9 +9,11 @@ from pathlib import Path
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a ``metrics.jsonl`` (a file, or the adapter folder holding one).
 
-    Each record has ``iteration``, ``split`` (``"train"`` or ``"valid"``), ``loss`` (mean
-    cross-entropy per target token, nats) and ``world_size``; train records also have
-    ``tokens_per_second``, ``seconds`` and ``peak_memory_gb``.
+    Each record has ``iteration``, ``split`` (``"train"``, ``"valid"`` or ``"rank"``),
+    ``loss`` (mean cross-entropy per target token, nats) and ``world_size``; train records
+    also have ``tokens_per_second``, ``seconds`` and ``peak_memory_gb``; ``rank`` records
+    (one per rank and report) a rank's own numbers: ``rank``, ``host``, ``tokens``,
+    ``step_seconds``... (:meth:`course_lib.fine_tune.reporting.Reporter.gather`).
     """
     path = Path(path)
     if path.is_dir():
@@ -70,6 +72,49 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
                 fig.savefig(f, format=Path(out).suffix.lstrip(".") or "png", dpi=100)
         finally:
             plt.close(fig)
+    return fig
+
+
+RANK_TIMES = (("forward_backward_seconds", "forward+backward"),
+              ("all_reduce_wait_seconds", "at the all-reduce (waiting + exchange)"),
+              ("step_seconds", "whole step"))
+
+
+def plot_rank_times(records: list[dict], out: str | Path | None = None,
+                    title: str = "Seconds per step, by rank"):
+    """Each rank's forward+backward time, its time at the all-reduce and its step time
+    (seconds per step over each report window) against iteration: one panel each, one
+    colour per rank, from a run's ``"rank"`` records (:func:`read_metrics`). The slow rank
+    has the highest forward+backward line; the others wait for it at the all-reduce.
+    Saves a PNG to ``out`` when given; returns the matplotlib ``Figure``. Raises
+    ValueError when the records hold no per-rank phase times (a run from before per-rank
+    records, or one with ``--no-rank-timing``)."""
+    import matplotlib
+
+    if out is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ranks = [r for r in records if r["split"] == "rank" and "all_reduce_wait_seconds" in r]
+    if not ranks:
+        raise ValueError("no per-rank phase times in these records (split 'rank' with "
+                         "all_reduce_wait_seconds)")
+    fig, axes = plt.subplots(1, len(RANK_TIMES), figsize=(12, 3.5), sharex=True)
+    for ax, (field, label) in zip(axes, RANK_TIMES):
+        for rank in sorted({r["rank"] for r in ranks}):
+            mine = [r for r in ranks if r["rank"] == rank]
+            ax.plot([r["iteration"] for r in mine], [r[field] for r in mine],
+                    color=f"C{rank}", marker=".", label=f"rank {rank} ({mine[0]['host']})")
+        ax.set_title(label)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("seconds per step")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
     return fig
 
 

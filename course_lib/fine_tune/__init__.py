@@ -27,16 +27,18 @@ validation, the loop and the averaging are ours.
 Writes into ``--adapter-path`` (rank 0 only): ``adapters.safetensors`` and
 ``adapter_config.json`` (loadable by ``mlx_lm.load(model, adapter_path=...)`` and
 ``mlx_lm.generate --adapter-path``), ``NNNNNNN_adapters.safetensors`` checkpoints,
-``metrics.jsonl``, ``loss.png`` and ``summary.json``; every file atomically
-(:mod:`course_lib.atomic`), and one run at a time (a lock, ``.fine_tune.lock``).
+``metrics.jsonl`` (with one record per rank and report), ``loss.png`` and ``summary.json``;
+with ``--report-to tensorboard``, TensorBoard event files in ``tensorboard/``
+(``python -m course_lib.monitor ADAPTER_PATH`` serves them). Every file is written
+atomically (:mod:`course_lib.atomic`), and one run at a time (a lock, ``.fine_tune.lock``).
 
 The package, one job a module: ``options`` (the command line and each model's recipe),
 ``inputs`` (model, data, adapters), ``batches`` (the global batch order, each rank's share),
 ``loss`` (the loss, with logits for every position or only scored ones), ``step``
 (gradients, all-reduce, update), ``loop`` (steps, reports, validation, checkpoints),
-``outputs`` (what rank 0 writes, and the folder's lock), ``interrupts`` (Ctrl-C, SIGTERM and
-failed writes stop every rank together), ``faults`` (dead and hung ranks) and ``cli``
-(``run`` and ``main``).
+``reporting`` (every rank's numbers on rank 0, ``--report-to``), ``outputs`` (what rank 0
+writes, and the folder's lock), ``interrupts`` (Ctrl-C, SIGTERM and failed writes stop
+every rank together), ``faults`` (dead and hung ranks) and ``cli`` (``run`` and ``main``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ _EXPORTS = {
     "faults": ["Watchdog", "peer_lost_message", "maybe_fault", "arm_timed_fault"],
     "interrupts": ["StopAgreement", "Interrupted", "StoppedByRankZero", "resume_command"],
     "loop": ["train", "validation_loss"],
+    "reporting": ["Reporter", "TensorBoardCallback", "reporting_callbacks", "check_report_to",
+                  "gather_hosts", "run_name"],
     "cli": ["run", "main", "run_settings", "resume_point"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

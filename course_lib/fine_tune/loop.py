@@ -13,6 +13,7 @@ from course_lib.fine_tune.batches import GlobalBatches
 from course_lib.fine_tune.faults import Watchdog, arm_timed_fault, maybe_fault
 from course_lib.fine_tune.interrupts import Interrupted, StopAgreement, StoppedByRankZero
 from course_lib.fine_tune.outputs import Outputs
+from course_lib.fine_tune.reporting import Reporter
 from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
 
 
@@ -58,7 +59,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     size, rank = group.size(), group.rank()
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    timer = PhaseTimer(args.step_timing)
+    timer = PhaseTimer(args.step_timing or args.rank_timing, barrier=args.step_timing)
     loss_name, loss_fn = training_loss(args, model)
     step = make_step(model, optimizer, args, group, timer, loss_fn)
     state = [model.state, optimizer.state]
@@ -69,6 +70,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     watchdog = Watchdog(args.step_timeout, rank)
     stop = stop or StopAgreement(group)
     arm_timed_fault(rank)
+    reporter = Reporter(group, args, start)  # per-rank numbers and --report-to
 
     def record(kind, it, loss, **extra):
         rec = {"iteration": it, "split": kind, "loss": loss, "world_size": size, **extra}
@@ -82,8 +84,10 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         maybe_fault(rank, f"eval-{it}")
         tic = time.perf_counter()
         loss = validation_loss(model, valid_rows, args, group, loss_fn)
-        record("valid", it, loss, seconds=time.perf_counter() - tic)
-        log(f"Iter {it}: validation loss {loss:.3f} ({time.perf_counter() - tic:.1f} s)", bar)
+        seconds = time.perf_counter() - tic
+        record("valid", it, loss, seconds=seconds)
+        reporter.validation(it, loss, seconds)
+        log(f"Iter {it}: validation loss {loss:.3f} ({seconds:.1f} s)", bar)
         watchdog.beat()
 
     def save(it, bar=None):
@@ -138,16 +142,22 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
             peak = mx.array(mx.get_peak_memory() / 1e9)  # this rank's; report the largest
             if size > 1:
                 peak = mx.distributed.all_max(peak, group=group)
-            extra = {}
-            if timer.enabled:
+            # Each rank's own numbers (step time, its wait at the all-reduce, tokens,
+            # memory) to rank 0 in one all_gather: the dashboard's series per rank.
+            ranks = reporter.gather(window_time, window_loss, window_toks, timer)
+            extra = reporter.cost()
+            if args.step_timing:
                 extra["phase_seconds"] = dict(timer.seconds)
                 for k, v in timer.seconds.items():
                     phase_totals[k] += v
-                timer.reset()
+            timer.reset()
             rec = record("train", it, loss, tokens=toks, seconds=window_time,
                          tokens_per_second=toks / window_time,
                          learning_rate=float(optimizer.learning_rate.item()),
                          peak_memory_gb=peak.item(), **extra)
+            for r in ranks:
+                record("rank", it, **r)
+            reporter.train(rec, ranks)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_second']:.0f}")
             log(f"Iter {it}: train loss {loss:.3f}, {rec['tokens_per_second']:.0f} tokens/s, "
                 f"peak memory {rec['peak_memory_gb']:.3f} GB", bar)
@@ -160,10 +170,11 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         if it % args.save_every == 0:
             save(it, bar)
     bar.close()
+    reporter.close()
     if stopping:
         stop_after(it)
     stats = {"train_seconds": train_seconds, "train_tokens": train_tokens, "loss": loss_name}
-    if timer.enabled:
+    if args.step_timing:
         stats["step_seconds"] = {k: v / (args.iters - start) for k, v in phase_totals.items()}
     return history, stats
 

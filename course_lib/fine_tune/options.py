@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--step-timing", action="store_true",
       help="time each step's phases (data, forward+backward, all-reduce, optimizer) with an "
       "evaluation between them; costs a little speed, feeds Amdahl's law in chapter 5")
+    a("--rank-timing", action=argparse.BooleanOptionalAction, default=True,
+      help="time each rank's forward+backward and its wait at the all-reduce (an "
+      "evaluation after each, no barrier) for the per-rank records and the dashboard "
+      "(default on; measured cost: benchmarks/README.md)")
+    a("--report-to", default=None,
+      help="also log the metrics to tensorboard (event files in ADAPTER_PATH/tensorboard; "
+      "watch with python -m course_lib.monitor ADAPTER_PATH), wandb or swanlab; comma "
+      "separated, as mlx_lm lora --report-to")
+    a("--project-name", default=None,
+      help="project name for wandb/swanlab, as mlx_lm lora --project-name")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="mx.compile the forward+backward pass and the optimizer update; default: on a "
       "GPU yes, on a CPU no (measured no faster there: benchmarks/README.md)")
@@ -183,3 +193,7 @@ def check_options(args, world_size: int) -> None:
     if args.resume_adapter_file and not Path(args.resume_adapter_file).is_file():
         raise UsageError(f"--resume-adapter-file {args.resume_adapter_file}: no such file")
     resolve_lora_parameters(args)
+    from course_lib.fine_tune.reporting import check_report_to
+
+    # Only rank 0 reports, so only its machine needs the reporting packages.
+    check_report_to(args.report_to, need_packages=dist.rank() == 0)

@@ -15,26 +15,33 @@ from course_lib.fine_tune.loss import loss_function
 
 
 class PhaseTimer:
-    """Seconds per phase of a step, summed over a report window.
+    """Seconds per phase of a step, summed over a report window, and the steps in it.
 
     ``lap(name, *arrays)`` evaluates ``arrays`` (forcing MLX's lazy graph up to that point)
     and charges the time since the previous lap to ``name``. Disabled, it does nothing, so
     the step stays one lazy graph evaluated once.
+
+    ``barrier`` (``--step-timing``) adds the "wait" phase: a barrier before the all-reduce,
+    so that waiting for a slower rank is not charged to the communication. Without it
+    (``--rank-timing``, the default) the "all_reduce" phase is this rank's time *at* the
+    all-reduce: waiting for the slowest rank plus the exchange, which is what tells the
+    ranks apart on the dashboard (benchmarks/rank_metrics.py measures what each costs).
     """
 
-    # "wait": a barrier before the all-reduce, so that waiting for a slower rank (one with
-    # longer rows, or a busier core) is not charged to the communication. Zero at 1 rank.
+    # "wait": the barrier's time; zero at 1 rank and without ``barrier``.
     PHASES = ("data", "forward_backward", "wait", "all_reduce", "optimizer")
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, barrier: bool = False):
+        self.enabled, self.barrier = enabled, enabled and barrier
         self.reset()
 
     def reset(self):
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
         self._last = time.perf_counter()
 
     def start(self):
+        self.steps += 1
         self._last = time.perf_counter()
 
     def lap(self, name: str, *arrays):
@@ -137,7 +144,7 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn):
             grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
             loss_sum, ntoks = loss_sum + loss, ntoks + n
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
-        if timer.enabled and group.size() > 1:
+        if timer.barrier and group.size() > 1:
             dist.barrier(group)
             timer.lap("wait")
         if args.loss_weighting == "tokens":
