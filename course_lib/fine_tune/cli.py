@@ -11,7 +11,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
 from course_lib import checkpoint
 from course_lib import distributed as dist
@@ -22,6 +21,7 @@ from course_lib.fine_tune.loop import train
 from course_lib.fine_tune.options import (DEFAULT_DATA, UsageError, apply_recipe, build_parser,
                                           check_options)
 from course_lib.fine_tune.outputs import Outputs
+from course_lib.fine_tune.sharding import check_sharding, shard_model
 from course_lib.fine_tune.step import resolve_all_reduce, resolve_compile
 
 
@@ -89,6 +89,7 @@ def run(args) -> dict:
     size, rank = group.size(), group.rank()
     recipe = apply_recipe(args)
     check_options(args, size)
+    check_sharding(args, size)
 
     def log(msg, bar=None):
         """Print on rank 0. While a progress bar is shown, through the bar on its stream
@@ -104,9 +105,10 @@ def run(args) -> dict:
     data_dir = Path(args.data) if args.data else DEFAULT_DATA
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
-    model, tokenizer, model_id = load_model(args.model)
+    model, tokenizer, model_id = load_model(args.model, lazy=args.sharding != "none")
     train_rows, valid_rows = load_data(data_dir, tokenizer, args)
     num_layers, lora_parameters = add_adapters(model, args)
+    sharding = shard_model(model, args, group)  # before any weight is read, when lazy
     settings = run_settings(args, model_id, num_layers, lora_parameters, data_dir, size)
     optimizer = optim.Adam(learning_rate=args.learning_rate)
     optimizer.init(model.trainable_parameters())
@@ -123,24 +125,27 @@ def run(args) -> dict:
         if args.iters <= start:
             raise UsageError(f"--iters {args.iters}: the checkpoint is already at iteration "
                              f"{start}; ask for more iterations to continue")
-        checkpoint.restore(folder, start, model, optimizer, group)
+        checkpoint.restore(folder, start, model, optimizer, group, sharding)
         data_state = saved["data_order"]
         log(f"Resuming from the checkpoint at iteration {start} in {folder}")
     elif args.resume_adapter_file:  # a plain adapter file: mlx_lm's meaning, weights only
-        load_resume_weights(model, args.resume_adapter_file)
+        load_resume_weights(model, args.resume_adapter_file, sharding)
         log(f"Starting from the weights in {args.resume_adapter_file} (no checkpoint state "
             "beside it: optimizer and data order start afresh)")
 
-    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    held = sharding.describe(model)
+    n_train, n_total = held["trainable"], held["parameters"]
     log(f"{backend} backend, world size {size}: global batch {args.batch_size}, "
-        f"{args.batch_size // size} rows per rank; {len(train_rows)} train / "
-        f"{len(valid_rows)} valid rows")
+        f"{args.batch_size // sharding.data_share()[1]} rows per rank; {len(train_rows)} "
+        f"train / {len(valid_rows)} valid rows")
     log(f"Recipe {recipe}: {args.iters} steps, learning rate {args.learning_rate:g}, "
         f"LoRA rank {args.lora_rank}, mask prompt {'on' if args.mask_prompt else 'off'}")
     log(f"Trainable parameters: {100 * n_train / n_total:.3f}% "
         f"({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M), {args.fine_tune_type}, "
         f"{num_layers} layers")
+    for note in sharding.notes:
+        log(f"Sharding {note}; this rank holds {held['parameters_held'] / 1e6:.3f}M "
+            f"parameters ({held['trainable_held'] / 1e6:.3f}M trainable)")
 
     config = dict(vars(args))
     config.update(model=model_id, model_name=args.model,
@@ -150,8 +155,11 @@ def run(args) -> dict:
     outputs = Outputs(Path(args.adapter_path), enabled=rank == 0)
     kept = outputs.start(config, resume_from=start if resume is not None else None)
     history, stats = train(model, optimizer, train_rows, valid_rows, args, group, outputs, log,
-                           settings, start=start, data_state=data_state, history=kept)
-    outputs.adapters(model)
+                           settings, start=start, data_state=data_state, history=kept,
+                           sharding=sharding)
+    peaks = mx.array([mx.get_peak_memory() / 1e9])  # each rank's, before the final save
+    peaks = (mx.distributed.all_gather(peaks, group=group) if size > 1 else peaks).tolist()
+    outputs.adapters(sharding.whole(model)[0])
 
     train_losses = [h["loss"] for h in history if h["split"] == "train"]
     valid_losses = [h["loss"] for h in history if h["split"] == "valid"]
@@ -160,7 +168,7 @@ def run(args) -> dict:
         "world_size": size,
         "iterations": args.iters,
         "global_batch": args.batch_size,
-        "per_rank_batch": args.batch_size // size,
+        "per_rank_batch": args.batch_size // sharding.data_share()[1],
         "loss_weighting": args.loss_weighting,
         "all_reduce": resolve_all_reduce(args.all_reduce, group),
         "compiled": resolve_compile(args.compile),
@@ -180,6 +188,9 @@ def run(args) -> dict:
         "mlx_version": mx.__version__,
         "blas": os.environ.get("COURSE_LIB_FAST_BLAS_ACTIVE", "bundled"),
         "resumed_from": start if resume is not None else None,
+        "sharding": held,
+        "peak_memory_gb_per_rank": peaks,
+        "collective_bytes_per_step": sharding.traffic.summary(args.iters - start),
     }
     if "step_seconds" in stats:  # mean seconds per step in each phase (rank 0's clock)
         summary["step_seconds"] = stats["step_seconds"]
