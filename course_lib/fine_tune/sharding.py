@@ -52,6 +52,7 @@ other; resuming slices them again (:meth:`Sharding.local`).
 from __future__ import annotations
 
 import math
+import re
 import types
 from functools import lru_cache
 
@@ -237,15 +238,23 @@ class Sharding:
     def describe(self, model) -> dict:
         """For ``summary.json``: the mode, how gradients are reduce-scattered, and the
         parameters this rank holds (elements and float32-equivalent bytes) against the
-        model's."""
+        model's, and ``layout``: :meth:`holdings` of the parameters outside the blocks and
+        of the first block (every block is split alike)."""
         rows = self.holdings(model)
         held = sum(math.prod(r["shape"]) for r in rows)
         whole = sum(math.prod(r["whole"]) for r in rows)
         held_t = sum(math.prod(r["shape"]) for r in rows if r["trainable"])
         whole_t = sum(math.prod(r["whole"]) for r in rows if r["trainable"])
+        layout = [r for r in rows if _layer_index(r["path"]) in (None, 0)]
         return {"mode": self.mode, "reduce_scatter": self.reduce_scatter,
                 "parameters_held": held, "parameters": whole,
-                "trainable_held": held_t, "trainable": whole_t, "notes": self.notes}
+                "trainable_held": held_t, "trainable": whole_t, "notes": self.notes,
+                "layout": layout}
+
+
+def _layer_index(path: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", path)
+    return int(m.group(1)) if m else None
 
 
 def shard_model(model, args, group) -> Sharding:
