@@ -11,8 +11,8 @@ plus two measurements around it. Usage: ``sharding_worker.py OUT_DIR FINE_TUNE_A
   so that MPI talks TCP on localhost), after evaluating the step, so the window holds
   exactly that step's collectives.
 
-Writes ``OUT_DIR/rank{r}.json``: ``{"over_limit", "active_gb_at_stop", "steps": [{"sent",
-"received", "seconds"}]}``.
+Writes ``OUT_DIR/rank{r}.json``: ``{"over_limit", "active_gb_at_stop", "peak_gb_at_exit"
+(the final save included), "steps": [{"sent", "received", "seconds"}]}``.
 """
 
 from course_lib.blas import reexec_with_fast_blas
@@ -87,5 +87,6 @@ loop.make_step = measured_make_step
 from course_lib.fine_tune.cli import main  # noqa: E402
 
 status = main(sys.argv[2:])
+record["peak_gb_at_exit"] = mx.get_peak_memory() / 1e9  # the final save included
 write()
 sys.exit(status)

@@ -253,7 +253,7 @@ def traffic(config: dict, mode: str, ranks: int, batch_size: int, seq_length: in
     f = (n - 1) / n
     nl = counts["layers"] if num_layers == -1 else num_layers
     t = trainable_count(config, fine_tune_type, nl, lora_rank) * FLOAT
-    p = counts["total"] * FLOAT
+    p = (counts["total"] * FLOAT) + (t if fine_tune_type == "lora" else 0)  # LoRA's too
     if mode == "none":
         return {"formula": 2 * f * t, "as_built": 2 * f * t,
                 "terms": {"all-reduce gradients": 2 * f * t}}

@@ -125,7 +125,14 @@ def test_two_sharded_ranks_follow_one_rank_and_save_its_weights(one_rank, tmp_pa
         assert held["parameters"] / 2 < held["parameters_held"] < held["parameters"]
         assert summary["per_rank_batch"] == 8  # every rank computes the whole batch
     assert len(summary["peak_memory_gb_per_rank"]) == 2
-    assert summary["collective_bytes_per_step"]["sent_bytes"] > 0
+    sent = summary["collective_bytes_per_step"]["sent_bytes"]
+    if mode == "fsdp":  # the bytes course_lib.memory explains, to the token count's 4 bytes
+        from course_lib import memory
+
+        built = memory.traffic(memory.model_config("tiny"), "fsdp", 2, 8, 64, ftype, -1, 8)
+        assert abs(sent - built["as_built"]) <= 8
+    else:  # activations: the rows' width varies
+        assert sent > 0
     # mlx_lm loads what was saved (adapter config and weights) onto the unsharded model.
     from mlx_lm import load
 

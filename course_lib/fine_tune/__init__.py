@@ -30,7 +30,8 @@ Writes into ``--adapter-path`` (rank 0 only): ``adapters.safetensors`` and
 
 The package, one job a module: ``options`` (the command line and each model's recipe),
 ``inputs`` (model, data, adapters), ``batches`` (the global batch order, each rank's share),
-``step`` (gradients, all-reduce, update), ``loop`` (steps, reports, validation,
+``step`` (gradients, all-reduce, update), ``sharding`` (``--sharding fsdp | tensor``:
+each rank holds 1/N of the model), ``loop`` (steps, reports, validation,
 checkpoints), ``outputs`` (what rank 0 writes), ``faults`` (dead and hung ranks) and ``cli``
 (``run`` and ``main``).
 """

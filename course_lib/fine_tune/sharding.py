@@ -45,8 +45,9 @@ What is MLX's and what is ours, and why:
   reduce-scatter followed by an all-gather) and a transient whole-size gradient per unit.
 
 Checkpoints and adapters are gathered whole on rank 0 (:meth:`Sharding.whole`), so they
-are the files an unsharded run writes, and a checkpoint of any mode continues in any
-other; resuming slices them again (:meth:`Sharding.local`).
+are the files an unsharded run writes (``mlx_lm`` loads them); resuming slices them again
+(:meth:`Sharding.local`). The mode is not among a checkpoint's settings: every mode
+computes the same update, up to float rounding.
 """
 
 from __future__ import annotations
