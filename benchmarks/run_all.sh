@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every benchmark, one after the other, on an otherwise idle machine (~17 minutes on 2 cores).
+# Every benchmark, one after the other, on an otherwise idle machine (~35 minutes on 2 cores).
 # Results: benchmarks/results/*.json and *.png; benchmarks/README.md shows the latest tables.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 py="${COURSE_VENV:-../.venv}/bin/python"
-for b in peer_comparison blas all_reduce step_anatomy memory; do
+for b in peer_comparison blas all_reduce step_anatomy memory sharding; do
     echo "== $b"
     "$py" "$b.py"
 done
