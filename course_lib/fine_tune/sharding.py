@@ -35,7 +35,9 @@ What is MLX's and what is ours, and why:
   and it hides the wrapped block's attributes (``mlx_lm`` reads ``layer.use_sliding``).
   And in MLX's lazy graph a gathered parameter stays alive as long as the backward pass
   needs it, so ``fully_shard`` holds every unit's whole parameters at the peak: the
-  memory FSDP exists to save. So here each unit's call is wrapped in ``mx.checkpoint``:
+  memory FSDP exists to save (measured once, chapter 6's SmolLM2 run at 2 ranks with
+  ``mx.checkpoint`` disabled: 1.54 GB per rank, against 1.05 GB with it and 1.69 GB for
+  data parallelism). So here each unit's call is wrapped in ``mx.checkpoint``:
   the backward pass recomputes the unit's forward, gathering its parameters again
   (PyTorch FSDP's re-gather), at the cost of that extra forward pass. The unit keeps its
   class (a subclass is swapped in) and its parameter names, so checkpoints and adapters
