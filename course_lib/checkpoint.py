@@ -178,19 +178,26 @@ def read_state(folder: Path, iteration: int, group) -> dict:
                           if rank0 else None, group)
 
 
-def restore(folder: Path, iteration: int, model, optimizer, group) -> None:
+def restore(folder: Path, iteration: int, model, optimizer, group, sharding=None) -> None:
     """Load a checkpoint's weights and optimizer state on every rank (read on rank 0,
     broadcast to the others).
 
     ``optimizer`` must have been initialised (``optimizer.init(...)``) so its state has the
-    right structure on every rank.
+    right structure on every rank. A checkpoint holds whole arrays; under ``sharding`` (a
+    :class:`course_lib.fine_tune.sharding.Sharding`) each rank keeps its pieces of them.
     """
     p = paths(folder, iteration)
     rank0 = group.rank() == 0
+    sharded = sharding is not None and sharding.sharded
     trainable = dict(tree_flatten(model.trainable_parameters()))
-    weights = broadcast_arrays(mx.load(str(p["adapters"])) if rank0 else {}, trainable, group)
-    model.load_weights(list(weights.items()), strict=False)
     opt_template = dict(tree_flatten(optimizer.state))
+    if sharded:
+        trainable, opt_template = sharding.whole_like(trainable), sharding.whole_like(
+            opt_template)
+    weights = broadcast_arrays(mx.load(str(p["adapters"])) if rank0 else {}, trainable, group)
     opt = broadcast_arrays(mx.load(str(p["optimizer"])) if rank0 else {}, opt_template, group)
+    if sharded:
+        weights, opt = sharding.local(weights), sharding.local(opt)
+    model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(opt.items()))
     mx.eval(model.parameters(), optimizer.state)

@@ -137,3 +137,62 @@ def plot_token_lengths(lengths: list[int], cutoff: int | None = None, ax=None,
     ax.set_title("Token lengths")
     fig.tight_layout()
     return fig
+
+
+# The matrices of one llama block and the embedding, in the order they are drawn.
+_LAYOUT_TILES = [("embed_tokens.weight", "embedding"), ("self_attn.q_proj.weight", "q"),
+                 ("self_attn.k_proj.weight", "k"), ("self_attn.v_proj.weight", "v"),
+                 ("self_attn.o_proj.weight", "o"), ("mlp.gate_proj.weight", "gate"),
+                 ("mlp.up_proj.weight", "up"), ("mlp.down_proj.weight", "down")]
+
+
+def plot_sharding_layout(layouts: dict[str, list[dict]], ranks: int = 2, out=None):
+    """What each rank holds, one row of tiles per mode: the embedding and the seven
+    matrices of the first block (every block is split alike), each tile one whole matrix
+    (not to scale; its shape written under it), coloured by the rank that holds each part.
+    A matrix split along axis 0 (its rows: output features) is cut top to bottom, one
+    split along its last axis (input features) left to right; grey: whole on every rank.
+
+    ``layouts`` maps a label to the ``layout`` rows of a run's ``summary.json``
+    (``summary["sharding"]["layout"]``: ``path``, ``shape``, ``whole``, ``axis``). Returns
+    the matplotlib ``Figure``; saves a PNG to ``out`` when given."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    fig, axes = plt.subplots(len(layouts), 1, figsize=(9, 1.45 * len(layouts) + 0.5),
+                             squeeze=False)
+    for ax, (label, rows) in zip(axes[:, 0], layouts.items()):
+        by_suffix = {}
+        for r in rows:
+            for suffix, _ in _LAYOUT_TILES:
+                if r["path"].endswith(suffix):
+                    by_suffix.setdefault(suffix, r)
+        for i, (suffix, name) in enumerate(_LAYOUT_TILES):
+            r = by_suffix.get(suffix)
+            if r is None:
+                continue
+            x = i * 1.25
+            axis = r["axis"]
+            if axis is None:
+                ax.add_patch(Rectangle((x, 0), 1, 1, color="0.75"))
+            for k in range(ranks if axis is not None else 0):
+                if axis == 0:  # rows: rank 0 on top
+                    rect = (x, 1 - (k + 1) / ranks), 1, 1 / ranks
+                else:
+                    rect = (x + k / ranks, 0), 1 / ranks, 1
+                ax.add_patch(Rectangle(*rect, color=f"C{k}", alpha=0.8))
+            ax.add_patch(Rectangle((x, 0), 1, 1, fill=False, edgecolor="black", lw=0.8))
+            ax.text(x + 0.5, -0.12, f"{name}\n{r['whole'][0]}x{r['whole'][1]}",
+                    ha="center", va="top", fontsize=8)
+        ax.set_xlim(-0.1, len(_LAYOUT_TILES) * 1.25)
+        ax.set_ylim(-0.75, 1.05)
+        ax.set_axis_off()
+        ax.set_title(label, loc="left", fontsize=10)
+    handles = [Patch(color=f"C{k}", alpha=0.8, label=f"rank {k}") for k in range(ranks)]
+    handles.append(Patch(color="0.75", label="whole on every rank"))
+    fig.legend(handles=handles, loc="upper right", ncol=ranks + 1, fontsize=8)
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+    return fig

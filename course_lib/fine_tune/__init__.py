@@ -35,10 +35,11 @@ atomically (:mod:`course_lib.atomic`), and one run at a time (a lock, ``.fine_tu
 The package, one job a module: ``options`` (the command line and each model's recipe),
 ``inputs`` (model, data, adapters), ``batches`` (the global batch order, each rank's share),
 ``loss`` (the loss, with logits for every position or only scored ones), ``step``
-(gradients, all-reduce, update), ``loop`` (steps, reports, validation, checkpoints),
-``reporting`` (every rank's numbers on rank 0, ``--report-to``), ``outputs`` (what rank 0
-writes, and the folder's lock), ``interrupts`` (Ctrl-C, SIGTERM and failed writes stop
-every rank together), ``faults`` (dead and hung ranks) and ``cli`` (``run`` and ``main``).
+(gradients, all-reduce, update), ``sharding`` (``--sharding fsdp | tensor``: each rank holds
+1/N of the model), ``loop`` (steps, reports, validation, checkpoints), ``reporting`` (every
+rank's numbers on rank 0, ``--report-to``), ``outputs`` (what rank 0 writes, and the
+folder's lock), ``interrupts`` (Ctrl-C, SIGTERM and failed writes stop every rank
+together), ``faults`` (dead and hung ranks) and ``cli`` (``run`` and ``main``).
 """
 
 from __future__ import annotations

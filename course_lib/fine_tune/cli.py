@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
 
 from course_lib import checkpoint, models
 from course_lib import distributed as dist
@@ -25,6 +24,7 @@ from course_lib.fine_tune.loop import train
 from course_lib.fine_tune.options import (DEFAULT_DATA, UsageError, apply_recipe, build_parser,
                                           check_options)
 from course_lib.fine_tune.outputs import Outputs
+from course_lib.fine_tune.sharding import check_sharding, shard_model
 from course_lib.fine_tune.step import resolve_all_reduce, resolve_compile
 
 
@@ -129,6 +129,7 @@ def run(args) -> dict:
     size, rank = group.size(), group.rank()
     recipe = apply_recipe(args)
     check_options(args, size)
+    check_sharding(args, size)
 
     def log(msg, bar=None):
         """Print on rank 0. While a progress bar is shown, through the bar on its stream
@@ -143,9 +144,10 @@ def run(args) -> dict:
 
     data_dir = Path(args.data) if args.data else DEFAULT_DATA
     mx.random.seed(args.seed)
-    model, tokenizer, model_id = load_model(args.model)
+    model, tokenizer, model_id = load_model(args.model, lazy=args.sharding != "none")
     train_rows, valid_rows = load_data(data_dir, tokenizer, args)
     num_layers, lora_parameters = add_adapters(model, args)
+    sharding = shard_model(model, args, group)  # before any weight is read, when lazy
     settings = run_settings(args, model_id, num_layers, lora_parameters, data_dir, size)
     check_ranks_agree(group, model=settings["model"], training_data=settings["train_data"],
                       training_rows=len(train_rows), validation_rows=len(valid_rows))
@@ -165,27 +167,30 @@ def run(args) -> dict:
             raise UsageError(f"--iters {args.iters}: the checkpoint is already at iteration "
                              f"{start}; ask for more iterations to continue")
         try:
-            checkpoint.restore(folder, start, model, optimizer, group)
+            checkpoint.restore(folder, start, model, optimizer, group, sharding)
         except ValueError as e:
             raise UsageError(f"cannot continue the checkpoint at iteration {start} in "
                              f"{folder}: {e}") from e
         data_state = saved["data_order"]
         log(f"Resuming from the checkpoint at iteration {start} in {folder}")
     elif args.resume_adapter_file:  # a plain adapter file: mlx_lm's meaning, weights only
-        load_resume_weights(model, args.resume_adapter_file)
+        load_resume_weights(model, args.resume_adapter_file, sharding)
         log(f"Starting from the weights in {args.resume_adapter_file} (no checkpoint state "
             "beside it: optimizer and data order start afresh)")
 
-    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    held = sharding.describe(model)
+    n_train, n_total = held["trainable"], held["parameters"]
     log(f"{backend} backend, world size {size}: global batch {args.batch_size}, "
-        f"{args.batch_size // size} rows per rank; {len(train_rows)} train / "
-        f"{len(valid_rows)} valid rows")
+        f"{args.batch_size // sharding.data_share()[1]} rows per rank; {len(train_rows)} "
+        f"train / {len(valid_rows)} valid rows")
     log(f"Recipe {recipe}: {args.iters} steps, learning rate {args.learning_rate:g}, "
         f"LoRA rank {args.lora_rank}, mask prompt {'on' if args.mask_prompt else 'off'}")
     log(f"Trainable parameters: {100 * n_train / n_total:.3f}% "
         f"({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M), {args.fine_tune_type}, "
         f"{num_layers} layers")
+    for note in sharding.notes:
+        log(f"Sharding {note}; this rank holds {held['parameters_held'] / 1e6:.3f}M "
+            f"parameters ({held['trainable_held'] / 1e6:.3f}M trainable)")
 
     config = dict(vars(args))
     config.update(model=model_id, model_name=args.model,
@@ -198,11 +203,15 @@ def run(args) -> dict:
         with StopAgreement(group) as stop:  # Ctrl-C and SIGTERM stop every rank together
             history, stats = train(model, optimizer, train_rows, valid_rows, args, group,
                                    outputs, log, settings, start=start, data_state=data_state,
-                                   history=kept, stop=stop)
+                                   history=kept, stop=stop, sharding=sharding)
+        peaks = mx.array([mx.get_peak_memory() / 1e9])  # each rank's, before the final save
+        peaks = (mx.distributed.all_gather(peaks, group=group) if size > 1 else peaks).tolist()
         summary = _summary(args, backend, group, config, n_train,
                            start if resume is not None else None, history, stats,
-                           time.perf_counter() - t_start)
-        outputs.adapters(model)
+                           time.perf_counter() - t_start, sharding)
+        summary.update(sharding=held, peak_memory_gb_per_rank=peaks,
+                       collective_bytes_per_step=sharding.traffic.summary(args.iters - start))
+        outputs.adapters(sharding.whole(model)[0])
         outputs.finish(summary, history)
     finally:
         outputs.close()
@@ -230,8 +239,9 @@ def start_outputs(outputs: Outputs, config: dict, resume_from: int | None, group
 
 
 def _summary(args, backend, group, config, n_train, resumed_from, history, stats,
-             seconds) -> dict:
-    """What ``summary.json`` holds (see the package's docstring)."""
+             seconds, sharding) -> dict:
+    """What ``summary.json`` holds (see the package's docstring), less what ``run`` adds
+    about sharding."""
     size = group.size()
     train_losses = [h["loss"] for h in history if h["split"] == "train"]
     valid_losses = [h["loss"] for h in history if h["split"] == "valid"]
@@ -240,7 +250,7 @@ def _summary(args, backend, group, config, n_train, resumed_from, history, stats
         "world_size": size,
         "iterations": args.iters,
         "global_batch": args.batch_size,
-        "per_rank_batch": args.batch_size // size,
+        "per_rank_batch": args.batch_size // sharding.data_share()[1],
         "loss_weighting": args.loss_weighting,
         "all_reduce": resolve_all_reduce(args.all_reduce, group),
         "compiled": resolve_compile(args.compile),

@@ -15,8 +15,9 @@ from course_lib.data import read_records
 from course_lib.fine_tune.options import UsageError, resolve_lora_parameters
 
 
-def load_model(name: str):
-    """``(model, tokenizer, model_path)``: ``mlx_lm.load`` of model ``name``.
+def load_model(name: str, lazy: bool = False):
+    """``(model, tokenizer, model_path)``: ``mlx_lm.load`` of model ``name``; with
+    ``lazy`` its weights are read when first evaluated (a sharded run cuts them first).
 
     ``name`` is a course model (``smollm2[:DTYPE]``, ``tiny``: see :mod:`course_lib.models`,
     built on first use), a model folder, or a Hugging Face id. ``model_path`` is what
@@ -39,7 +40,7 @@ def load_model(name: str):
         if not any(p.glob("*.safetensors")):
             raise UsageError(f"--model {name}: no *.safetensors weights in that folder")
     try:
-        model, tokenizer = load(path)
+        model, tokenizer = load(path, lazy=lazy)
     except Exception as e:  # mlx_lm/huggingface_hub raise many kinds
         raise UsageError(f"--model {name}: could not load it ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
@@ -122,14 +123,20 @@ def add_adapters(model, args) -> tuple[int, dict | None]:
     return n, params
 
 
-def load_resume_weights(model, path: str) -> None:
-    """Load adapter weights to continue from; raises :class:`UsageError` when they do not
-    fit the model's trainable parameters (names or shapes)."""
+def load_resume_weights(model, path: str, sharding=None) -> None:
+    """Load adapter weights to continue from (whole arrays; under ``sharding``, a
+    :class:`course_lib.fine_tune.sharding.Sharding`, each rank keeps its pieces); raises
+    :class:`UsageError` when they do not fit the model's trainable parameters (names or
+    shapes)."""
     weights = mx.load(path)
     trainable = dict(tree_flatten(model.trainable_parameters()))
+    if sharding is not None and sharding.sharded:
+        trainable = sharding.whole_like(trainable)
     bad = [f"{k} {tuple(v.shape)}" for k, v in weights.items()
            if k not in trainable or trainable[k].shape != v.shape]
     if bad:
         raise UsageError(f"--resume-adapter-file {path} does not fit this model and LoRA "
                          f"setting: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    if sharding is not None:
+        weights = sharding.local(weights)
     model.load_weights(list(weights.items()), strict=False)

@@ -17,21 +17,24 @@ from course_lib.fine_tune.reporting import Reporter
 from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
 
 
-def validation_loss(model, valid_rows, args, group, loss_fn) -> float:
+def validation_loss(model, valid_rows, args, group, loss_fn, share=None) -> float:
     """Mean token loss over ``--val-batches`` global batches of the validation rows (every
     full batch for -1; the last partial one is left out, as in training): each rank scores
     its share of each batch and the token losses and counts are summed over the ranks, so
     every world size gives the same number. The same batches every time (a fresh
     :class:`GlobalBatches` from the seed: its first epoch's order), with the step's loss
-    function ``loss_fn`` and padding. Leaves the model training."""
+    function ``loss_fn`` and padding. Leaves the model training. ``share`` ``(rank, size)``
+    picks the rows (default the group's; ``(0, 1)``: all of them, as under tensor
+    parallelism, where the sums then count each row N times)."""
+    share = share or (group.rank(), group.size())
     batches = GlobalBatches(valid_rows, args.batch_size, args.seed)
     n = len(batches.batches) if args.val_batches == -1 else min(args.val_batches,
                                                                   len(batches.batches))
     total, count = mx.array(0.0), mx.array(0)
     model.eval()
     for _ in range(n):
-        loss, ntoks = loss_fn(model, *batches.next(group.rank(), group.size(),
-                                                   args.max_seq_length, pad_multiple(args)))
+        loss, ntoks = loss_fn(model, *batches.next(*share, args.max_seq_length,
+                                                   pad_multiple(args)))
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     model.train()
@@ -41,7 +44,8 @@ def validation_loss(model, valid_rows, args, group, loss_fn) -> float:
 
 def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Outputs, log,
           settings: dict, start: int = 0, data_state: dict | None = None,
-          history: list[dict] | None = None, stop: StopAgreement | None = None):
+          history: list[dict] | None = None, stop: StopAgreement | None = None,
+          sharding=None):
     """The loop: optimizer steps ``start + 1`` to ``args.iters``, with reports, validation
     and checkpoints (which record ``settings`` and the data order).
 
@@ -52,16 +56,21 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     :class:`StoppedByRankZero`.
 
     Returns ``(history, stats)``: the metric records (earlier ones first, when resuming)
-    and totals (seconds of training, tokens, the loss function's name).
+    and totals (seconds of training, tokens, the loss function's name). ``sharding`` (a
+    :class:`course_lib.fine_tune.sharding.Sharding`) decides each rank's rows and makes
+    checkpoints whole.
     """
+    from course_lib.fine_tune.sharding import Sharding
     from mlx_lm.tuner.trainer import grad_checkpoint
 
     size, rank = group.size(), group.rank()
+    sharding = sharding or Sharding("none", group)
+    share, replicas = sharding.data_share(), sharding.replicas()
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
     timer = PhaseTimer(args.step_timing or args.rank_timing, barrier=args.step_timing)
     loss_name, loss_fn = training_loss(args, model)
-    step = make_step(model, optimizer, args, group, timer, loss_fn)
+    step = make_step(model, optimizer, args, group, timer, loss_fn, sharding)
     state = [model.state, optimizer.state]
     batches = GlobalBatches(train_rows, args.batch_size, args.seed)
     if data_state:
@@ -83,7 +92,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
             return
         maybe_fault(rank, f"eval-{it}")
         tic = time.perf_counter()
-        loss = validation_loss(model, valid_rows, args, group, loss_fn)
+        loss = validation_loss(model, valid_rows, args, group, loss_fn, share)
         seconds = time.perf_counter() - tic
         record("valid", it, loss, seconds=seconds)
         reporter.validation(it, loss, seconds)
@@ -91,7 +100,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         watchdog.beat()
 
     def save(it, bar=None):
-        saved = outputs.checkpoint(it, model, optimizer,
+        saved = outputs.checkpoint(it, *sharding.whole(model, optimizer),
                                    {"data_order": batches.state(), "settings": settings})
         if saved:
             log(f"Iter {it}: saved checkpoint {saved}", bar)
@@ -119,7 +128,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         # Dropout draws from MLX's generator: reseed per step so masks depend only on the
         # seed and the step, and a resumed run draws the ones an uninterrupted run would.
         mx.random.seed(args.seed * 1_000_003 + it)
-        micro = [batches.next(rank, size, args.max_seq_length, pad_multiple(args))
+        micro = [batches.next(*share, args.max_seq_length, pad_multiple(args))
                  for _ in range(args.grad_accumulation_steps)]
         timer.lap("data", *[a for pair in micro for a in pair])
         loss_sum, ntoks = step(micro)
@@ -136,7 +145,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         if it % args.steps_per_report == 0 or it == args.iters or stopping:
             # Global loss: sum of token losses over all ranks / all their tokens.
             totals = dist.all_sum(mx.stack([window_loss, window_toks.astype(mx.float32)]), group)
-            loss, toks = totals[0].item() / totals[1].item(), int(totals[1].item())
+            loss, toks = totals[0].item() / totals[1].item(), int(totals[1].item()) // replicas
             train_seconds += window_time
             train_tokens += toks
             peak = mx.array(mx.get_peak_memory() / 1e9)  # this rank's; report the largest

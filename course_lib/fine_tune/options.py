@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="mx.compile the forward+backward pass and the optimizer update; default: on a "
       "GPU yes, on a CPU no (measured no faster there: benchmarks/README.md)")
+    a("--sharding", choices=["none", "fsdp", "tensor"], default="none",
+      help="none (default): data parallelism, every rank holds the whole model; fsdp: each "
+      "rank holds 1/N of every parameter, gradient and Adam moment (ZeRO-3), gathering a "
+      "block's parameters when it runs; tensor: each rank holds 1/N of every attention "
+      "and MLP matrix and computes the whole batch (Megatron-LM). See "
+      "course_lib/fine_tune/sharding.py and chapter 6")
     a("--no-progress", action="store_true", help="no progress bar, report lines only")
     return p
 

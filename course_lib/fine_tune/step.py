@@ -95,7 +95,7 @@ def pad_multiple(args) -> int:
     return 32 if resolve_compile(args.compile) else 1
 
 
-def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn):
+def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, sharding=None):
     """The training step: gradients on this rank's share, all-reduce, optimizer update.
 
     ``loss_fn(model, batch, lengths) -> (mean token loss, token count)`` is the loss
@@ -111,7 +111,21 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn):
     once per batch shape. The all-reduce between them stays plain Python, so the averaging
     the course teaches is the code that runs, and ``--step-timing`` still times each phase
     apart.
+
+    Under ``--sharding fsdp`` or ``tensor`` (``sharding``, a
+    :class:`course_lib.fine_tune.sharding.Sharding`) the gradients meet inside the
+    backward pass (FSDP's reduce-scatter; tensor parallelism's all-sums), so the loss
+    differentiated is the token *sum*, and :meth:`~course_lib.fine_tune.sharding.Sharding.
+    finish_gradients` divides by the global token count instead of the all-reduce.
+    Every step's collectives are counted in ``sharding.traffic``.
     """
+    inside = sharding is not None and sharding.sharded
+    if inside:
+        mean_loss = loss_fn
+
+        def loss_fn(model, batch, lengths):  # the token sum: ranks' gradients add up
+            loss, n = mean_loss(model, batch, lengths)
+            return loss * n, n
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     if resolve_all_reduce(args.all_reduce, group) == "plain":
         average = lambda g: dist.all_reduce_grads(g, group)  # noqa: E731
@@ -123,6 +137,8 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn):
         (default_loss returns means: multiplying by the count undoes that, so
         micro-batches and ranks add up)."""
         (loss, n), grads = loss_and_grad(model, batch, lengths)
+        if inside:
+            return loss, n, grads
         return loss * n, n, tree_map(lambda g: g * n, grads)
 
     def update(grads):
@@ -138,16 +154,24 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn):
                             outputs=[model.state, optimizer.state])
 
     def step(micro_batches):
+        if sharding is None:
+            return counted_step(micro_batches)
+        with sharding.traffic.counting():
+            return counted_step(micro_batches)
+
+    def counted_step(micro_batches):
         grad_sum, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
         for batch, lengths in micro_batches:
             loss, n, grads = token_sums(batch, lengths)
             grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
             loss_sum, ntoks = loss_sum + loss, ntoks + n
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
-        if timer.barrier and group.size() > 1:
+        if timer.barrier and group.size() > 1 and not inside:
             dist.barrier(group)
             timer.lap("wait")
-        if args.loss_weighting == "tokens":
+        if inside:  # summed over ranks in the backward pass already
+            grads = sharding.finish_gradients(grad_sum, ntoks)
+        elif args.loss_weighting == "tokens":
             # Average the token-summed gradients and the token counts in one all-reduce;
             # mean(sum of gradients) / mean(token count) = (all token gradients) / (all
             # tokens): exactly the gradient one rank would compute on the whole batch.
@@ -156,7 +180,7 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn):
         else:
             # mlx_lm's way: this rank's mean, then the mean of the means.
             grads = average(tree_map(lambda g: g / ntoks, grad_sum))
-        # Every rank now holds the same gradient.
+        # Every rank now holds the same gradient (under fsdp: its pieces of it).
         timer.lap("all_reduce", grads)
         update(grads)
         timer.lap("optimizer", model.parameters(), optimizer.state)
