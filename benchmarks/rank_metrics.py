@@ -54,7 +54,7 @@ def worker(rounds: int, per_mode: int) -> None:
     from course_lib.fine_tune import (DEFAULT_DATA, add_adapters, apply_recipe, build_parser,
                                       load_data, load_model)
     from course_lib.fine_tune.batches import GlobalBatches
-    from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple
+    from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
 
     group, backend = dist.init_world()
     rank, size = group.rank(), group.size()
@@ -66,7 +66,8 @@ def worker(rounds: int, per_mode: int) -> None:
     optimizer = optim.Adam(learning_rate=args.learning_rate)
     optimizer.init(model.trainable_parameters())
     timers = {m: PhaseTimer(enabled, barrier=barrier) for m, (enabled, barrier) in MODES.items()}
-    steps = {m: make_step(model, optimizer, args, group, t) for m, t in timers.items()}
+    _, loss_fn = training_loss(args, model)
+    steps = {m: make_step(model, optimizer, args, group, t, loss_fn) for m, t in timers.items()}
     batches = GlobalBatches(train_rows, args.batch_size, args.seed)
     state = [model.state, optimizer.state]
     times = {m: [] for m in MODES}

@@ -59,13 +59,14 @@ for ftype in ("lora", "full"):
         # The 1-rank reference: the whole batch, token-mean loss, in this process.
         args, ref, rows = build(ftype, "none")
         batch = GlobalBatches(rows, args.batch_size, args.seed).next(0, 1, 512, 1)
-        (_, _), ref_grads = nn.value_and_grad(ref, training_loss(args, ref))(ref, *batch)
+        (_, _), ref_grads = nn.value_and_grad(ref, training_loss(args, ref)[1])(ref, *batch)
         ref_grads = dict(tree_flatten(ref_grads))
 
         args, model, rows = build(ftype, mode)
         plan = shard_model(model, args, group)
         recorder = Recorder()
-        step = make_step(model, recorder, args, group, PhaseTimer(False), plan)
+        step = make_step(model, recorder, args, group, PhaseTimer(False),
+                         training_loss(args, model)[1], plan)
         share = plan.data_share()
         step([GlobalBatches(rows, args.batch_size, args.seed).next(*share, 512, 1)])
         grads = {k: plan.gather(k, g) for k, g in tree_flatten(recorder.grads)}
