@@ -152,7 +152,11 @@ def broadcast_json(obj, group):
 
 def broadcast_arrays(arrays: dict, template: dict, group) -> dict:
     """Rank 0's ``arrays`` on every rank; other ranks pass ``{}`` and get arrays shaped like
-    ``template`` (same keys) filled from rank 0."""
+    ``template`` (same keys; its values arrays or anything with ``.shape`` and ``.dtype``)
+    filled from rank 0.
+
+    Raises ``ValueError`` on every rank when rank 0's ``arrays`` lack a key of ``template``.
+    """
     from course_lib.distributed import broadcast
 
     if group.size() == 1:
@@ -163,9 +167,11 @@ def broadcast_arrays(arrays: dict, template: dict, group) -> dict:
         raise ValueError(f"the checkpoint lacks {len(missing)} arrays the run needs "
                          f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
     # Every rank walks the template's keys in the same order: collectives pair up by call
-    # order, and a file's key order need not be the template's. The others' arrays are
-    # only shapes for broadcast, which sends zeros from them.
-    mine = {k: arrays[k] if group.rank() == 0 else v for k, v in template.items()}
+    # order, and a file's key order need not be the template's. The template's entries are
+    # arrays or templates (``.shape``, ``.dtype``; a sharded run's whole arrays): the other
+    # ranks send zeros of those shapes.
+    mine = {k: arrays[k] if group.rank() == 0 else mx.zeros(v.shape, v.dtype)
+            for k, v in template.items()}
     out = broadcast(mine, group)
     mx.eval(out)
     return out

@@ -57,6 +57,49 @@ def detect_backend(environ=None) -> str | None:
     return None
 
 
+def whole_lines() -> None:
+    """Make this process write its stdout and stderr a whole line at a time.
+
+    ``mpirun`` and ``mlx.launch`` merge every rank's output into one stream. Under
+    ``PYTHONUNBUFFERED=1`` (or ``python -u``) Python writes ``print``'s text and its newline
+    in two writes, and another rank's line can land between them: two JSON records on one
+    line. Line buffering without write-through makes each line one write (lines under the
+    8 KiB buffer), which the launchers pass on whole.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError, OSError):
+            pass  # not a TextIOWrapper (a notebook's stream, a test's capture): leave it
+
+
+def exit_on_uncaught_exception() -> None:
+    """Make an exception no code catches end this rank at once, with exit status 1 (130 for
+    Ctrl-C), after printing its traceback.
+
+    Python's normal exit runs MLX's MPI finalize, which waits for the other ranks; they
+    wait in their next collective for this one: the whole job hangs. Ending the process
+    without finalizing lets ``mpirun`` see the failed rank and stop the others (and the
+    ring's peers see their socket close).
+    """
+    if getattr(sys.excepthook, "_course_lib", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130 if issubclass(kind, KeyboardInterrupt) else 1)
+
+    hook._course_lib = True
+    sys.excepthook = hook
+
+
 def init_world(backend: str = "auto") -> tuple[mx.distributed.Group, str]:
     """Start the distributed world; return ``(group, backend_name)``.
 
@@ -66,12 +109,15 @@ def init_world(backend: str = "auto") -> tuple[mx.distributed.Group, str]:
     """
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    whole_lines()
     if backend == "auto":
         backend = detect_backend() or "none"
         if backend == "none":
             return mx.distributed.init(), "none"
     if backend == "any":
         group = mx.distributed.init()
+        if group.size() > 1:
+            exit_on_uncaught_exception()
         return group, ("none" if group.size() == 1 else "any")
     if not mx.distributed.is_available(backend):
         raise RuntimeError(
@@ -87,6 +133,8 @@ def init_world(backend: str = "auto") -> tuple[mx.distributed.Group, str]:
                         "machine with N NVIDIA GPUs and MLX's CUDA build (COURSE_CUDA=1 bash "
                         "scripts/setup.sh)"}.get(backend, "start the ranks with `mpirun -np N ...`")
         raise RuntimeError(f"could not start the {backend} backend ({e}); {hint}") from e
+    if group.size() > 1:
+        exit_on_uncaught_exception()
     return group, backend
 
 

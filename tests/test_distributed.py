@@ -1,5 +1,7 @@
 """all_reduce_grads across real ranks, and the backend choice."""
 
+import json
+
 import pytest
 from conftest import PY, REPO, json_objects, mlx_launch, mpirun, run
 
@@ -75,3 +77,42 @@ def test_broadcast_gives_every_rank_rank_zeros_tree(tmp_path):
     results = _results(run(mpirun(2, PY, script), timeout=120).stdout)
     assert results[0]["before"] != results[1]["before"]
     assert results[0]["after"] == results[1]["after"] == results[0]["before"]
+
+
+@pytest.mark.distributed
+def test_an_uncaught_exception_on_one_rank_ends_the_job(tmp_path):
+    """Rank 1 raises while rank 0 waits in an all-sum: without exiting past MPI's finalize,
+    rank 1 would wait for rank 0 at exit and rank 0 for rank 1 in its collective."""
+    script = tmp_path / "raise.py"
+    script.write_text(
+        "import mlx.core as mx\n"
+        "from course_lib.distributed import init_world\n"
+        "group, _ = init_world('mpi')\n"
+        "if group.rank() == 1:\n"
+        "    raise TypeError('rank 1 fails here')\n"
+        "mx.eval(mx.distributed.all_sum(mx.ones(3), group=group))\n")
+    proc = run(mpirun(2, PY, script), check=False, timeout=60)
+    assert proc.returncode != 0
+    assert "TypeError: rank 1 fails here" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_ranks_lines_never_share_a_line_under_unbuffered_output(tmp_path):
+    """Under PYTHONUNBUFFERED=1 print writes the text and the newline apart, and mpirun
+    merges the ranks' streams: a line of one rank lands between another's text and its
+    newline (chapter 1 read two JSON records from one line on CI). init_world makes every
+    line one write. (mpirun may still cut a line where it reads a long burst of output:
+    a few lines per rank are what this promises.)"""
+    from course_lib.launch import child_env
+
+    script = tmp_path / "lines.py"
+    script.write_text(
+        "import json\n"
+        "from course_lib.distributed import init_world\n"
+        "group, _ = init_world('mpi')\n"
+        "for i in range(40):\n"
+        "    print(json.dumps({'rank': group.rank(), 'i': i, 'pad': 'x' * 60}))\n")
+    for _ in range(3):  # without init_world's fix, about 2 lines in 80 are merged per run
+        proc = run(mpirun(2, PY, script), timeout=60, env=child_env(PYTHONUNBUFFERED="1"))
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        assert len(lines) == 80 and all(json.loads(line)["pad"] for line in lines)
