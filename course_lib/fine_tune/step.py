@@ -160,29 +160,40 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, shardin
             return counted_step(micro_batches)
 
     def counted_step(micro_batches):
+        # Names are dropped (del) as soon as an array's last use is built: MLX frees, or
+        # reuses for the result, a buffer that no Python name holds. With the phases timed
+        # (the default) each phase is evaluated apart, and a gradient tree still named
+        # would stay in memory beside its all-reduced copy and the optimizer's moments.
         grad_sum, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
         for batch, lengths in micro_batches:
             loss, n, grads = token_sums(batch, lengths)
             grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
             loss_sum, ntoks = loss_sum + loss, ntoks + n
+            del grads
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
         if timer.barrier and group.size() > 1 and not inside:
             dist.barrier(group)
             timer.lap("wait")
         if inside:  # summed over ranks in the backward pass already
             grads = sharding.finish_gradients(grad_sum, ntoks)
+            del grad_sum
         elif args.loss_weighting == "tokens":
             # Average the token-summed gradients and the token counts in one all-reduce;
             # mean(sum of gradients) / mean(token count) = (all token gradients) / (all
             # tokens): exactly the gradient one rank would compute on the whole batch.
             reduced = average({"grads": grad_sum, "ntoks": ntoks.astype(mx.float32)})
-            grads = tree_map(lambda g: g / reduced["ntoks"], reduced["grads"])
+            del grad_sum
+            total = reduced["ntoks"]
+            grads = tree_map(lambda g: g / total, reduced.pop("grads"))
+            del reduced
         else:
             # mlx_lm's way: this rank's mean, then the mean of the means.
             grads = average(tree_map(lambda g: g / ntoks, grad_sum))
+            del grad_sum
         # Every rank now holds the same gradient (under fsdp: its pieces of it).
         timer.lap("all_reduce", grads)
         update(grads)
+        del grads
         timer.lap("optimizer", model.parameters(), optimizer.state)
         return loss_sum, ntoks
 
