@@ -16,7 +16,7 @@ run() {  # run NAME COMMAND...: fresh adapters/NAME from COMMAND, with its log
     rm -rf "adapters/$name"
     "$@" --no-progress --adapter-path "adapters/$name" | tee "$log"
     cp "$log" "adapters/$name/train.log"
-    rm -f "adapters/$name"/[0-9][0-9][0-9][0-9][0-9][0-9][0-9]_*
+    rm -f "adapters/$name"/[0-9][0-9][0-9][0-9][0-9][0-9][0-9]_* "adapters/$name/.fine_tune.lock"
 }
 run adapters-solo "$py" -m course_lib.fine_tune
 run adapters-distributed bash scripts/mpirun.sh -np 2 "$py" -m course_lib.fine_tune
