@@ -22,6 +22,18 @@ from course_lib.launch import child_env, mlx_launch_command, mpirun_command  # n
 PY = sys.executable
 
 
+def env_for(ranks: int) -> dict:
+    """The environment for ``ranks`` ranks on this machine: OpenBLAS preloaded (as the
+    course's entry points do) with the cores shared out, ``OPENBLAS_NUM_THREADS`` = cores //
+    ranks (at least 1)."""
+    env = child_env()
+    lib = blas.preload_path()
+    if lib:
+        env["LD_PRELOAD"] = lib
+    env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+    return env
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     import mlx.core as mx

@@ -22,24 +22,14 @@ the whole command. Prints a table and writes results/peer_comparison.json.
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
-from common import PY, REPO, blas, child_env, launch, median, run, save, table
+from common import PY, REPO, env_for, launch, median, run, save, table
 
 from course_lib.models import resolve
 
 DATA = REPO / "data-sets" / "pirate"
-
-
-def env_for(ranks: int) -> dict:
-    env = child_env()
-    lib = blas.preload_path()
-    if lib:
-        env["LD_PRELOAD"] = lib
-    env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
-    return env
 
 
 # The work both tools do, per model: LoRA rank 8, scale 20, dropout 0, global batch 8, Adam at

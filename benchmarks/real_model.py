@@ -28,22 +28,12 @@ Prints the tables and writes results/real_model.json.
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
-from common import PY, REPO, blas, child_env, launch, median, run, save, table
+from common import PY, REPO, env_for, launch, median, run, save, table
 
 DATA = REPO / "data-sets" / "pirate"
-
-
-def env_for(ranks: int) -> dict:
-    env = child_env()
-    lib = blas.preload_path()
-    if lib:
-        env["LD_PRELOAD"] = lib
-    env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
-    return env
 
 
 def matmul_peak(repeats: int = 5) -> float:
