@@ -17,31 +17,20 @@ import argparse
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import PY, REPO, save, table
+from common import PY, REPO, blas, save, table
 
 DATA = REPO / "data-sets" / "pirate"
 
 
 def matmul_peak(dtype: str, n: int = 8192, repeats: int = 10) -> float:
     """TFLOP/s of an n x n x n matmul in MLX on the GPU (median of ``repeats``)."""
-    import mlx.core as mx
-
-    a = mx.random.normal((n, n)).astype(getattr(mx, dtype))
-    b = mx.random.normal((n, n)).astype(getattr(mx, dtype))
-    mx.eval(a @ b)
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        mx.eval(a @ b)
-        times.append(time.perf_counter() - tic)
-    return 2 * n**3 / statistics.median(times) / 1e12
+    return blas.time_matmul(n, repeats, dtype)["gflops"] / 1e3
 
 
 def random_model(source: Path, out: Path, dtype: str) -> Path:

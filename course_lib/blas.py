@@ -221,15 +221,16 @@ def loaded_blas_libraries() -> list[str]:
     return sorted(p for p in paths if p.startswith("/"))
 
 
-def time_matmul(n: int = 1024, repeats: int = 5) -> dict:
-    """Seconds per ``n x n`` float32 matmul in MLX (median of ``repeats``, after a warm-up)
-    and the BLAS libraries loaded: ``{"seconds", "gflops", "libraries", "openblas_threads"}``."""
+def time_matmul(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> dict:
+    """Seconds per ``n x n`` matmul of ``dtype`` (an ``mx`` dtype's name) on MLX's default
+    device (median of ``repeats``, after a warm-up) and the BLAS libraries loaded:
+    ``{"seconds", "gflops", "libraries", "openblas_threads"}``; FLOPs counted as 2 n^3."""
     import statistics
     import time
 
     import mlx.core as mx
 
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    a, b = (mx.random.normal((n, n)).astype(getattr(mx, dtype)) for _ in range(2))
     mx.eval(a @ b)
     times = []
     for _ in range(repeats):
