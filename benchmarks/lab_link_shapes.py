@@ -205,11 +205,17 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--bandwidth-runs", type=int, default=0, metavar="N",
+                        help="only the bandwidth table, N times over (each a median of 10 "
+                        "all-reduces per cell), into results/lab_bandwidth_runs.json: how "
+                        "much one run's cell can differ from the next")
     args = parser.parse_args()
     reason = labmod.unavailable_reason()
     if reason:
         print(f"skipped: {reason}", file=sys.stderr)
         return 1
+    if args.bandwidth_runs:
+        return bandwidth_runs(args.bandwidth_runs)
     block, cycles, solo_iters, repeats = (3, 1, 8, 5) if args.quick else (4, 2, 13, 10)
     fine_tune_repeats = 2 if args.quick else 3
     configs = args.configs.split(",")
@@ -275,6 +281,28 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {path}")
     print_table(result)
+    return 0
+
+
+def bandwidth_runs(n: int, sizes: str = "4KiB,64KiB,1MiB,16MiB", repeats: int = 10) -> int:
+    """The lab's bandwidth table ``n`` times over; prints each cell's median and range."""
+    lab, loads, runs = Lab("course-lab-bench"), [os.getloadavg()], []
+    with lab.running(shape="none", log=log):
+        for i in range(n):
+            runs.append(measure_bandwidth(lab, sizes, repeats))
+            loads.append(os.getloadavg())
+    path = save("lab_bandwidth_runs", {
+        "what": "the two-host lab's all-reduce table (as in lab_link_shapes.json's bandwidth) "
+                f"measured {n} times in a row, each cell a median of {repeats} all-reduces",
+        "runs": runs, "load_average_1min": [la[0] for la in loads]})
+    log(f"wrote {path}")
+    for shape in SHAPE_ORDER:
+        for launcher in LAUNCHERS:
+            cells = []
+            for j in range(len(runs[0][shape][launcher])):
+                ms = sorted(r[shape][launcher][j]["seconds"] * 1e3 for r in runs)
+                cells.append(f"{statistics.median(ms):8.3f} ({ms[0]:.3f}-{ms[-1]:.3f})")
+            print(f"{shape:12} {launcher:11} " + "  ".join(cells) + "  ms")
     return 0
 
 
