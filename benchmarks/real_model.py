@@ -1,6 +1,8 @@
 """The course's real model (SmolLM2-135M-Instruct, float32) on this machine: model FLOPs
 utilization at 1 rank, 2 ranks against 1, the step's anatomy, what the fast paths buy, and
-one forward pass by the weights' dtype (float32, bfloat16, 4-bit).
+one forward pass by the weights' dtype (float32, bfloat16, 4-bit). "1 rank" is the default,
+which on a CPU computes each batch on as many concurrent MLX streams as the rank has
+cores (``--streams``); ``--streams 1`` is the one-stream step, the form before it.
 
 MFU (model FLOPs utilization, PaLM: Chowdhery et al. 2022, appendix B) is the FLOPs a step
 must do, divided by its seconds, divided by the machine's peak, here the float32 matmul
@@ -152,11 +154,13 @@ def main():
     flops = step_flops(a.iters)
     configs = {  # name: (ranks, options)
         "1 rank": (1, []),
+        "1 rank, --streams 1": (1, ["--streams", "1"]),
         "1 rank, --loss all": (1, ["--loss", "all"]),
         "1 rank, --compile": (1, ["--compile"]),
         "2 ranks": (2, []),
         "2 ranks, --step-timing": (2, ["--step-timing"]),
         "1 rank, --step-timing": (1, ["--step-timing"]),
+        "1 rank, --streams 1, --step-timing": (1, ["--streams", "1", "--step-timing"]),
     }
     results, peaks = {name: [] for name in configs}, []
     with tempfile.TemporaryDirectory() as tmp:

@@ -133,6 +133,50 @@ def fast_blas_env(environ: dict | None = None) -> dict:
     return env
 
 
+def ranks_on_this_host() -> int:
+    """How many ranks of this job share this host (1 when not launched), read from
+    ``mpirun``'s or ``mlx.launch``'s environment."""
+    return _local_rank_info()[1]
+
+
+def _openblas():
+    """The OpenBLAS this process preloaded (a ``ctypes.CDLL``), or None."""
+    lib = os.environ.get(_ACTIVE_VAR)
+    if not lib or lib not in os.environ.get("LD_PRELOAD", "").split(":"):
+        return None
+    import ctypes
+
+    try:
+        handle = ctypes.CDLL(lib)
+        handle.openblas_get_num_threads.restype = ctypes.c_int
+        return handle
+    except (OSError, AttributeError):
+        return None
+
+
+def blas_threads() -> int | None:
+    """Threads each OpenBLAS call of this process may use, or None when MLX does not run
+    on the preloaded OpenBLAS (macOS, opted out)."""
+    handle = _openblas()
+    return None if handle is None else int(handle.openblas_get_num_threads())
+
+
+def set_blas_threads(n: int) -> int | None:
+    """Let each OpenBLAS call use ``n`` threads from now on (``openblas_set_num_threads``);
+    returns the previous count, or None (and changes nothing) when MLX does not run on the
+    preloaded OpenBLAS. Raises ``ValueError`` for ``n < 1``. Used when one process runs
+    several MLX streams at once (``course_lib.fine_tune --streams``): each stream's
+    matmuls then get their share of the cores instead of all of them."""
+    if n < 1:
+        raise ValueError(f"BLAS threads must be at least 1, got {n}")
+    handle = _openblas()
+    if handle is None:
+        return None
+    before = int(handle.openblas_get_num_threads())
+    handle.openblas_set_num_threads(int(n))
+    return before
+
+
 def reexec_with_fast_blas() -> None:
     """Re-execute this process with the optimized BLAS preloaded, if it applies.
 

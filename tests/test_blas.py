@@ -76,3 +76,18 @@ def test_ring_hostfile_counts_ranks_sharing_this_host(tmp_path, monkeypatch):
     assert blas._ring_ranks_on_this_host(str(hostfile)) == 2
     monkeypatch.setenv("MLX_RANK", "2")
     assert blas._ring_ranks_on_this_host(str(hostfile)) == 1
+
+
+@needs_switch
+def test_blas_threads_can_be_changed_in_a_running_process():
+    """What --streams uses: each stream's OpenBLAS calls get their share of the cores."""
+    code = ("from course_lib import blas; blas.reexec_with_fast_blas(); "
+            "before = blas.blas_threads(); was = blas.set_blas_threads(1); "
+            "print(before, was, blas.blas_threads())")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "COURSE_LIB_FAST_BLAS_ACTIVE", "OPENBLAS_NUM_THREADS")}
+    before, was, after = run([PY, "-c", code], env=env).stdout.split()
+    assert before == was == str(max(1, os.cpu_count() or 1)) and after == "1"
+    with pytest.raises(ValueError, match="at least 1"):
+        blas.set_blas_threads(0)
+    assert blas.blas_threads() is None  # this test process did not preload OpenBLAS

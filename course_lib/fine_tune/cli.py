@@ -255,6 +255,7 @@ def _summary(args, backend, group, config, n_train, resumed_from, history, stats
         "all_reduce": resolve_all_reduce(args.all_reduce, group),
         "compiled": resolve_compile(args.compile),
         "loss": stats["loss"],
+        "streams_per_rank": stats["streams"],
         "seconds": seconds,
         "train_seconds": stats["train_seconds"],
         "train_tokens": stats["train_tokens"],

@@ -8,16 +8,19 @@ import time
 
 import mlx.core as mx
 
+from course_lib import blas
 from course_lib import distributed as dist
 from course_lib.fine_tune.batches import GlobalBatches
 from course_lib.fine_tune.faults import Watchdog, arm_timed_fault, maybe_fault
 from course_lib.fine_tune.interrupts import Interrupted, StopAgreement, StoppedByRankZero
 from course_lib.fine_tune.outputs import Outputs
 from course_lib.fine_tune.reporting import Reporter
-from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
+from course_lib.fine_tune.step import (PhaseTimer, StreamSplit, make_step, pad_multiple,
+                                       resolve_compile, resolve_streams, training_loss)
 
 
-def validation_loss(model, valid_rows, args, group, loss_fn, share=None) -> float:
+def validation_loss(model, valid_rows, args, group, loss_fn, share=None,
+                    split: StreamSplit | None = None) -> float:
     """Mean token loss over ``--val-batches`` global batches of the validation rows (every
     full batch for -1; the last partial one is left out, as in training): each rank scores
     its share of each batch and the token losses and counts are summed over the ranks, so
@@ -25,7 +28,9 @@ def validation_loss(model, valid_rows, args, group, loss_fn, share=None) -> floa
     :class:`GlobalBatches` from the seed: its first epoch's order), with the step's loss
     function ``loss_fn`` and padding. Leaves the model training. ``share`` ``(rank, size)``
     picks the rows (default the group's; ``(0, 1)``: all of them, as under tensor
-    parallelism, where the sums then count each row N times)."""
+    parallelism, where the sums then count each row N times). ``split`` computes each
+    batch as pieces on concurrent streams, as the step does (``--streams``)."""
+    split = split or StreamSplit(1)
     share = share or (group.rank(), group.size())
     batches = GlobalBatches(valid_rows, args.batch_size, args.seed)
     n = len(batches.batches) if args.val_batches == -1 else min(args.val_batches,
@@ -33,9 +38,10 @@ def validation_loss(model, valid_rows, args, group, loss_fn, share=None) -> floa
     total, count = mx.array(0.0), mx.array(0)
     model.eval()
     for _ in range(n):
-        loss, ntoks = loss_fn(model, *batches.next(*share, args.max_seq_length,
-                                                   pad_multiple(args)))
-        total, count = total + loss * ntoks, count + ntoks
+        pieces = split.map(lambda b, l: loss_fn(model, b, l),
+                           *batches.next(*share, args.max_seq_length, pad_multiple(args)))
+        for loss, ntoks in pieces:
+            total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     model.train()
     totals = dist.all_sum(mx.stack([total, count.astype(mx.float32)]), group)
@@ -70,7 +76,14 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         grad_checkpoint(model.layers[0])
     timer = PhaseTimer(args.step_timing or args.rank_timing, barrier=args.step_timing)
     loss_name, loss_fn = training_loss(args, model)
-    step = make_step(model, optimizer, args, group, timer, loss_fn, sharding)
+    split = StreamSplit(resolve_streams(args.streams, args.batch_size // share[1],
+                                        sharded=sharding.sharded,
+                                        compiled=resolve_compile(args.compile)),
+                        pad_multiple(args))
+    step = make_step(model, optimizer, args, group, timer, loss_fn, sharding, split)
+    if split.parts > 1:
+        log(f"Each rank computes its rows as {split.parts} pieces on concurrent MLX streams "
+            f"(--streams; OpenBLAS {blas.blas_threads() or '?'} thread(s) per stream)")
     state = [model.state, optimizer.state]
     batches = GlobalBatches(train_rows, args.batch_size, args.seed)
     if data_state:
@@ -92,7 +105,7 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
             return
         maybe_fault(rank, f"eval-{it}")
         tic = time.perf_counter()
-        loss = validation_loss(model, valid_rows, args, group, loss_fn, share)
+        loss = validation_loss(model, valid_rows, args, group, loss_fn, share, split)
         seconds = time.perf_counter() - tic
         record("valid", it, loss, seconds=seconds)
         reporter.validation(it, loss, seconds)
@@ -182,7 +195,8 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     reporter.close()
     if stopping:
         stop_after(it)
-    stats = {"train_seconds": train_seconds, "train_tokens": train_tokens, "loss": loss_name}
+    stats = {"train_seconds": train_seconds, "train_tokens": train_tokens, "loss": loss_name,
+             "streams": split.parts}
     if args.step_timing:
         stats["step_seconds"] = {k: v / (args.iters - start) for k, v in phase_totals.items()}
     return history, stats

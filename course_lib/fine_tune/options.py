@@ -24,6 +24,19 @@ def _option_text(key: str, value) -> str:
     return f"--{flag} {value}"
 
 
+def _streams(text: str):
+    """``--streams``: ``auto`` or a whole number of at least 1."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be auto or a whole number >= 1, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; option names and meanings follow ``mlx_lm.lora``."""
     p = argparse.ArgumentParser(
@@ -108,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="mx.compile the forward+backward pass and the optimizer update; default: on a "
       "GPU yes, on a CPU no (measured no faster there: benchmarks/README.md)")
+    a("--streams", type=_streams, default="auto",
+      help="split this rank's rows of each batch across N MLX streams computed at once "
+      "and add their gradients (exactly as micro-batches). On a CPU a stream is one "
+      "thread, and MLX's element-wise kernels run on their stream's thread only, so one "
+      "stream leaves the other cores idle outside the matmuls. auto (default): the cores "
+      "per rank on a CPU, 1 on a GPU or under --sharding (measured: benchmarks/README.md)")
     a("--sharding", choices=["none", "fsdp", "tensor"], default="none",
       help="none (default): data parallelism, every rank holds the whole model; fsdp: each "
       "rank holds 1/N of every parameter, gradient and Adam moment (ZeRO-3), gathering a "
@@ -198,6 +217,10 @@ def check_options(args, world_size: int) -> None:
         raise UsageError(f"--step-timeout must be 0 (never) or positive, got {args.step_timeout}")
     if args.resume_adapter_file and not Path(args.resume_adapter_file).is_file():
         raise UsageError(f"--resume-adapter-file {args.resume_adapter_file}: no such file")
+    if args.streams not in ("auto", 1) and getattr(args, "sharding", "none") != "none":
+        raise UsageError(f"--streams {args.streams} needs --sharding none: a sharded "
+                         "step's collectives run inside the backward pass, in one order "
+                         "on every rank, so it computes on one stream")
     resolve_lora_parameters(args)
     from course_lib.fine_tune.reporting import check_report_to
 

@@ -4,12 +4,16 @@ asked."""
 
 from __future__ import annotations
 
+import math
+import os
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map
 
+from course_lib import blas
 from course_lib import distributed as dist
 from course_lib.fine_tune.loss import loss_function
 
@@ -95,7 +99,78 @@ def pad_multiple(args) -> int:
     return 32 if resolve_compile(args.compile) else 1
 
 
-def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, sharding=None):
+def resolve_streams(choice, rows: int, sharded: bool = False, compiled: bool = False) -> int:
+    """How many MLX streams compute this rank's share at once, for ``--streams`` ``choice``
+    (``"auto"`` or a number) and ``rows`` rows per micro-batch on this rank: never more
+    than ``rows``, and 1 under sharding (its collectives inside the backward pass must run
+    in the same order on every rank). ``auto`` is 1 on a GPU (one stream already fills
+    it) and for a ``compiled`` step, and on a CPU the cores per rank,
+    ``os.cpu_count() // ranks on this host``.
+
+    Why: MLX's CPU backend runs each stream's operations on that stream's own thread, and
+    only the matmuls (OpenBLAS) spread over more cores; everything between them
+    (normalization, activations, softmax, the element-wise parts of the backward pass)
+    runs on one core. Measured on the course's 2-core machine (``benchmarks/
+    real_model.py``): one stream at 1 rank leaves a core idle through them, which is why 2
+    ranks were 1.44x faster than 1 on the same 2 cores."""
+    if sharded:
+        return 1
+    if choice == "auto":
+        if compiled or mx.default_device() == mx.gpu:
+            return 1
+        choice = max(1, (os.cpu_count() or 1) // blas.ranks_on_this_host())
+    return max(1, min(int(choice), rows))
+
+
+class StreamSplit:
+    """Computes a function of a batch as ``parts`` pieces, each on its own MLX stream.
+
+    Rows ``i, i + parts, i + 2 parts, ...`` go to stream ``i`` (the way ranks take their
+    share of a global batch, so each piece gets rows of every length), each piece cut to
+    the padding its own longest row needs (the rule of
+    :func:`course_lib.fine_tune.batches.pad_batch` with ``multiple``). The operations
+    are only recorded here; MLX runs the streams concurrently when the results are
+    evaluated. With ``parts`` > 1 each OpenBLAS call gets its share of the threads
+    (:func:`course_lib.blas.set_blas_threads`), so that the streams' matmuls do not
+    fight over the cores.
+    """
+
+    def __init__(self, parts: int, multiple: int = 1):
+        self.parts, self.multiple = parts, multiple
+        self.streams = [mx.new_stream(mx.default_device()) for _ in range(parts)] \
+            if parts > 1 else [None]
+        if parts > 1:
+            threads = blas.blas_threads()
+            if threads:
+                blas.set_blas_threads(max(1, threads // parts))
+
+    def pieces(self, batch, lengths):
+        """``[(tokens, lengths), ...]``: the ``parts`` pieces of ``batch`` ``(B, L)`` and
+        ``lengths`` ``(B, 2)``; the batch itself when ``parts`` is 1."""
+        if self.parts == 1:
+            return [(batch, lengths)]
+        ends = np.array(lengths)[:, 1]
+        out = []
+        for i in range(self.parts):
+            longest = int(ends[i::self.parts].max())
+            width = min(batch.shape[1], 1 + self.multiple * math.ceil(longest / self.multiple))
+            out.append((batch[i::self.parts, :width], lengths[i::self.parts]))
+        return out
+
+    def map(self, fn, batch, lengths) -> list:
+        """``[fn(tokens, lengths) for each piece]``, each recorded on its piece's stream."""
+        results = []
+        for stream, (tokens, piece_lengths) in zip(self.streams, self.pieces(batch, lengths)):
+            if stream is None:
+                results.append(fn(tokens, piece_lengths))
+            else:
+                with mx.stream(stream):
+                    results.append(fn(tokens, piece_lengths))
+        return results
+
+
+def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, sharding=None,
+              split: StreamSplit | None = None):
     """The training step: gradients on this rank's share, all-reduce, optimizer update.
 
     ``loss_fn(model, batch, lengths) -> (mean token loss, token count)`` is the loss
@@ -118,7 +193,12 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, shardin
     differentiated is the token *sum*, and :meth:`~course_lib.fine_tune.sharding.Sharding.
     finish_gradients` divides by the global token count instead of the all-reduce.
     Every step's collectives are counted in ``sharding.traffic``.
+
+    ``split`` (a :class:`StreamSplit`, ``--streams``) computes each micro-batch's
+    gradients as pieces on concurrent MLX streams and adds them up, exactly as it adds
+    micro-batches: the token sums make the result the same gradient to float rounding.
     """
+    split = split or StreamSplit(1)
     inside = sharding is not None and sharding.sharded
     if inside:
         mean_loss = loss_fn
@@ -166,10 +246,10 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, shardin
         # would stay in memory beside its all-reduced copy and the optimizer's moments.
         grad_sum, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
         for batch, lengths in micro_batches:
-            loss, n, grads = token_sums(batch, lengths)
-            grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
-            loss_sum, ntoks = loss_sum + loss, ntoks + n
-            del grads
+            for loss, n, grads in split.map(token_sums, batch, lengths):
+                grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
+                loss_sum, ntoks = loss_sum + loss, ntoks + n
+                del grads
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
         if timer.barrier and group.size() > 1 and not inside:
             dist.barrier(group)
