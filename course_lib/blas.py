@@ -140,18 +140,23 @@ def ranks_on_this_host() -> int:
 
 
 def _openblas():
-    """The OpenBLAS this process preloaded (a ``ctypes.CDLL``), or None."""
-    lib = os.environ.get(_ACTIVE_VAR)
-    if not lib or lib not in os.environ.get("LD_PRELOAD", "").split(":"):
-        return None
+    """The OpenBLAS this process preloaded (a ``ctypes.CDLL``), or None: the first
+    ``LD_PRELOAD`` entry with ``openblas_get_num_threads``, however it came to be preloaded
+    (our re-execution, the Jupyter kernel, a benchmark's or the user's own environment).
+    Only a preloaded one: another OpenBLAS in the process (numpy's wheel bundles its own)
+    is not the one MLX calls."""
     import ctypes
 
-    try:
-        handle = ctypes.CDLL(lib)
-        handle.openblas_get_num_threads.restype = ctypes.c_int
-        return handle
-    except (OSError, AttributeError):
-        return None
+    for lib in os.environ.get("LD_PRELOAD", "").split(":"):
+        if "blas" not in os.path.basename(lib).lower() or not os.path.exists(lib):
+            continue
+        try:
+            handle = ctypes.CDLL(lib)
+            handle.openblas_get_num_threads.restype = ctypes.c_int
+            return handle
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 def blas_threads() -> int | None:

@@ -317,5 +317,7 @@ def test_streams_default_to_the_cores_per_rank_on_a_cpu(monkeypatch):
     assert resolve_streams(3, rows=2) == 2
     assert resolve_streams("auto", rows=64, sharded=True) == 1
     assert resolve_streams("auto", rows=64, compiled=True) == 1
+    assert resolve_streams("auto", rows=64, full=True) == 1
+    assert resolve_streams(2, rows=64, full=True) == 2       # asked for: given
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", str(cores))  # a rank per core
     assert resolve_streams("auto", rows=64) == 1

@@ -78,7 +78,8 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
     loss_name, loss_fn = training_loss(args, model)
     split = StreamSplit(resolve_streams(args.streams, args.batch_size // share[1],
                                         sharded=sharding.sharded,
-                                        compiled=resolve_compile(args.compile)),
+                                        compiled=resolve_compile(args.compile),
+                                        full=args.fine_tune_type == "full"),
                         pad_multiple(args))
     step = make_step(model, optimizer, args, group, timer, loss_fn, sharding, split)
     if split.parts > 1:

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
       "and add their gradients (exactly as micro-batches). On a CPU a stream is one "
       "thread, and MLX's element-wise kernels run on their stream's thread only, so one "
       "stream leaves the other cores idle outside the matmuls. auto (default): the cores "
-      "per rank on a CPU, 1 on a GPU or under --sharding (measured: benchmarks/README.md)")
+      "per rank on a CPU (its OpenBLAS threads), 1 on a GPU, for --fine-tune-type full (a "
+      "whole gradient per stream) or under --sharding (measured: benchmarks/README.md)")
     a("--sharding", choices=["none", "fsdp", "tensor"], default="none",
       help="none (default): data parallelism, every rank holds the whole model; fsdp: each "
       "rank holds 1/N of every parameter, gradient and Adam moment (ZeRO-3), gathering a "

@@ -99,13 +99,19 @@ def pad_multiple(args) -> int:
     return 32 if resolve_compile(args.compile) else 1
 
 
-def resolve_streams(choice, rows: int, sharded: bool = False, compiled: bool = False) -> int:
+def resolve_streams(choice, rows: int, sharded: bool = False, compiled: bool = False,
+                    full: bool = False) -> int:
     """How many MLX streams compute this rank's share at once, for ``--streams`` ``choice``
     (``"auto"`` or a number) and ``rows`` rows per micro-batch on this rank: never more
     than ``rows``, and 1 under sharding (its collectives inside the backward pass must run
     in the same order on every rank). ``auto`` is 1 on a GPU (one stream already fills
-    it) and for a ``compiled`` step, and on a CPU the cores per rank,
-    ``os.cpu_count() // ranks on this host``.
+    it), for a ``compiled`` step and for a ``full`` fine-tune (each stream would hold a
+    gradient as large as the model until they are added, which
+    :func:`course_lib.memory.estimate` does not count); otherwise, on a CPU, the cores this
+    rank has: the OpenBLAS threads it was given (:func:`course_lib.blas.blas_threads`,
+    ``os.cpu_count() // ranks on this host`` unless ``OPENBLAS_NUM_THREADS`` says
+    otherwise, as the lab's one-core hosts do), else ``os.cpu_count() // ranks on this
+    host``.
 
     Why: MLX's CPU backend runs each stream's operations on that stream's own thread, and
     only the matmuls (OpenBLAS) spread over more cores; everything between them
@@ -116,9 +122,10 @@ def resolve_streams(choice, rows: int, sharded: bool = False, compiled: bool = F
     if sharded:
         return 1
     if choice == "auto":
-        if compiled or mx.default_device() == mx.gpu:
+        if compiled or full or mx.default_device() == mx.gpu:
             return 1
-        choice = max(1, (os.cpu_count() or 1) // blas.ranks_on_this_host())
+        choice = blas.blas_threads() or max(1, (os.cpu_count() or 1)
+                                            // blas.ranks_on_this_host())
     return max(1, min(int(choice), rows))
 
 
