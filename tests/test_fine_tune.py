@@ -301,6 +301,7 @@ def test_stream_pieces_interleave_rows_and_trim_their_padding():
     sums = split.map(lambda t, l: t.sum(), tokens, lengths)
     assert sum(s.item() for s in sums) == tokens.sum().item()
     assert StreamSplit(1).pieces(tokens, lengths)[0][0] is tokens
+    assert len(StreamSplit(8).pieces(tokens, lengths)) == 4  # never an empty piece
     assert len(StreamSplit(2, multiple=32).pieces(tokens, lengths)[0][0][0]) == 18  # <= width
     mx.eval(sums)
 
