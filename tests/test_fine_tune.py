@@ -309,9 +309,11 @@ def test_stream_pieces_interleave_rows_and_trim_their_padding():
 def test_streams_default_to_the_cores_per_rank_on_a_cpu(monkeypatch):
     import os
 
+    from course_lib import blas
     from course_lib.fine_tune.step import resolve_streams
 
     cores = os.cpu_count() or 1
+    monkeypatch.setattr(blas, "blas_threads", lambda: None)  # no OpenBLAS: cores per rank
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
     assert resolve_streams("auto", rows=64) == min(cores, 64)
     assert resolve_streams("auto", rows=1) == 1           # never more than the rows
@@ -322,3 +324,9 @@ def test_streams_default_to_the_cores_per_rank_on_a_cpu(monkeypatch):
     assert resolve_streams(2, rows=64, full=True) == 2       # asked for: given
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", str(cores))  # a rank per core
     assert resolve_streams("auto", rows=64) == 1
+    # With OpenBLAS, the threads this rank was given (the lab's one-core hosts get 1).
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE")
+    monkeypatch.setattr(blas, "blas_threads", lambda: 1)
+    assert resolve_streams("auto", rows=64) == 1
+    monkeypatch.setattr(blas, "blas_threads", lambda: 3)
+    assert resolve_streams("auto", rows=64) == 3
