@@ -47,18 +47,6 @@ from __future__ import annotations
 # Light on purpose: ``python -m course_lib.fine_tune`` imports this package before its
 # __main__ switches BLAS (course_lib.blas), which must happen before MLX loads. So the
 # names below are imported from their modules on first use (PEP 562).
-import os
-
-# MLX orders each evaluation's operations breadth-first up to this width, then depth-first,
-# and the evaluating thread hands out only ~100 operations ahead of the streams. With the
-# default width (20) the step's gradient tree sends the order depth-first, so with
-# ``--streams 2`` one piece's operations were all handed out before the other's: the
-# streams took turns instead of running at once (88 tokens/s against 114 on one stream;
-# 155 with 1000, and one stream no slower). MLX reads the variable at its first
-# evaluation in a process, so it is set here, before anything of ours evaluates; a value
-# already set wins. It changes the order of the work, never its results.
-os.environ.setdefault("MLX_BFS_MAX_WIDTH", "1000")
-
 _EXPORTS = {
     "options": ["UsageError", "build_parser", "RECIPES", "recipe_for", "apply_recipe",
                 "resolve_lora_parameters", "check_options", "DEFAULT_DATA",
@@ -68,6 +56,7 @@ _EXPORTS = {
                 "PLOT_FILE", "ADAPTER_FILE", "CONFIG_FILE", "LOCK_FILE"],
     "loss": ["scored_loss", "loss_function", "output_layer"],
     "step": ["PhaseTimer", "resolve_all_reduce", "resolve_compile", "resolve_streams",
+             "order_for_streams",
              "StreamSplit", "make_step", "training_loss"],
     "batches": ["GlobalBatches", "pad_batch"],
     "faults": ["Watchdog", "peer_lost_message", "maybe_fault", "arm_timed_fault"],

@@ -25,7 +25,7 @@ from course_lib.fine_tune.options import (DEFAULT_DATA, UsageError, apply_recipe
                                           check_options)
 from course_lib.fine_tune.outputs import Outputs
 from course_lib.fine_tune.sharding import check_sharding, shard_model
-from course_lib.fine_tune.step import resolve_all_reduce, resolve_compile
+from course_lib.fine_tune.step import order_for_streams, resolve_all_reduce, resolve_compile
 
 
 def run_settings(args, model_id: str, num_layers: int, lora_parameters, data_dir: Path,
@@ -125,6 +125,7 @@ def run(args) -> dict:
     :mod:`course_lib.fine_tune.interrupts`).
     """
     t_start = time.perf_counter()
+    order_for_streams(args)  # before anything evaluates
     group, backend = dist.init_world(args.backend)
     size, rank = group.size(), group.rank()
     recipe = apply_recipe(args)

@@ -130,6 +130,23 @@ def resolve_streams(choice, rows: int, sharded: bool = False, compiled: bool = F
     return max(1, min(int(choice), rows))
 
 
+def order_for_streams(args) -> None:
+    """Set ``MLX_BFS_MAX_WIDTH`` to 1000 (unless set) when ``args`` may run more than one
+    stream (:func:`resolve_streams`); call it before this process's first evaluation.
+
+    MLX orders each evaluation's operations breadth-first up to this width (default 20),
+    then depth-first, and the evaluating thread hands out only ~100 operations ahead of
+    the streams. The step's gradient tree is wider than 20, so with two streams one
+    piece's operations were all handed out before the other's and the streams took turns,
+    slower than one stream; with 1000 they run at once (``benchmarks/README.md``). MLX
+    reads the variable once, at its first evaluation. Only then: the order changes no
+    result, but it changes which arrays are alive together, and a full fine-tune's peak
+    memory (chapter 6, ``course_lib.memory``) is measured with MLX's own order."""
+    if (args.streams != 1 and args.fine_tune_type != "full" and args.sharding == "none"
+            and not resolve_compile(args.compile)):
+        os.environ.setdefault("MLX_BFS_MAX_WIDTH", "1000")
+
+
 class StreamSplit:
     """Computes a function of a batch as ``parts`` pieces, each on its own MLX stream.
 
