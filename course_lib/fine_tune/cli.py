@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from course_lib import checkpoint, models
+from course_lib import allocator, checkpoint, models
 from course_lib import distributed as dist
 from course_lib.atomic import WriteError
 from course_lib.data import DataError
@@ -126,6 +126,7 @@ def run(args) -> dict:
     """
     t_start = time.perf_counter()
     order_for_streams(args)  # before anything evaluates
+    allocator.keep_freed_memory()  # before the model's arrays are allocated
     group, backend = dist.init_world(args.backend)
     size, rank = group.size(), group.rank()
     recipe = apply_recipe(args)
