@@ -119,7 +119,7 @@ def resolve_streams(choice, rows: int, sharded: bool = False, compiled: bool = F
     runs on one core. Measured on the course's 2-core machine (``benchmarks/
     real_model.py``): one stream at 1 rank leaves a core idle through them, which is why 2
     ranks of one stream each were 1.35x faster than 1 on the same 2 cores; 2 streams at 1
-    rank are 1.32x faster than one, and 2 ranks then only 1.02x."""
+    rank are 1.43x faster than one, and 2 ranks then only 1.01x."""
     if sharded:
         return 1
     if choice == "auto":
