@@ -24,6 +24,20 @@ def one_rank_run(tmp_path_factory, tiny_model):
     return out
 
 
+def test_a_run_that_builds_the_model_follows_a_run_that_finds_it(one_rank_run, tmp_path):
+    """Building the tiny model draws from MLX's random generator; the LoRA matrices are
+    drawn after it, from the run's seed, so the first run on a machine (an empty model
+    cache) gives the curve of every later one."""
+    from course_lib.launch import child_env
+
+    env = child_env()
+    env["COURSE_LIB_CACHE"] = str(tmp_path / "empty-cache")
+    proc = run(fine_tune_cmd(*SHORT, "--adapter-path", tmp_path / "run"), env=env)
+    assert (tmp_path / "empty-cache" / "models").is_dir(), proc.stderr  # it built the model
+    built = read_train_losses(tmp_path / "run")
+    assert _max_rel_diff(read_train_losses(one_rank_run), built) < 1e-6
+
+
 @pytest.mark.distributed
 def test_two_mpi_ranks_follow_the_one_rank_loss_curve(one_rank_run, tmp_path):
     run(mpirun(2, *fine_tune_cmd(*SHORT, "--adapter-path", tmp_path)))

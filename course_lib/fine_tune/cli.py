@@ -145,8 +145,8 @@ def run(args) -> dict:
             print(msg, flush=True)
 
     data_dir = Path(args.data) if args.data else DEFAULT_DATA
-    mx.random.seed(args.seed)
-    model, tokenizer, model_id = load_model(args.model, lazy=args.sharding != "none")
+    model, tokenizer, model_id = load_model(args.model, lazy=args.sharding != "none",
+                                            seed=args.seed)
     train_rows, valid_rows = load_data(data_dir, tokenizer, args)
     num_layers, lora_parameters = add_adapters(model, args)
     sharding = shard_model(model, args, group)  # before any weight is read, when lazy

@@ -15,9 +15,13 @@ from course_lib.data import read_records
 from course_lib.fine_tune.options import UsageError, resolve_lora_parameters
 
 
-def load_model(name: str, lazy: bool = False):
+def load_model(name: str, lazy: bool = False, seed: int | None = None):
     """``(model, tokenizer, model_path)``: ``mlx_lm.load`` of model ``name``; with
     ``lazy`` its weights are read when first evaluated (a sharded run cuts them first).
+    ``seed``: seeds MLX's random generator (``mx.random.seed``) after a course model is
+    built and before ``mlx_lm.load``, so that what draws from it next (the LoRA matrices'
+    initial values) is the same whether this call built the model or found it built
+    (building draws from it: the tiny model's weights, the conversion's check load).
 
     ``name`` is a course model (``smollm2[:DTYPE]``, ``tiny``: see :mod:`course_lib.models`,
     built on first use), a model folder, or a Hugging Face id. ``model_path`` is what
@@ -33,6 +37,8 @@ def load_model(name: str, lazy: bool = False):
         path = resolve(name, log=lambda m: dist.eprint0(m))
     except ModelError as e:
         raise UsageError(f"--model {name}: {e}") from e
+    if seed is not None:
+        mx.random.seed(seed)
     p = Path(path)
     if p.exists():
         if not (p / "config.json").is_file():

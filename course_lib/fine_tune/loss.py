@@ -9,18 +9,23 @@
   tensor of the step (8 rows x 129 positions x 49,152 = 203 MB); with ``--mask-prompt``
   about half the positions are prompt and never scored. Measured in
   ``benchmarks/real_model.py``; the losses agree with ``all`` to float rounding
-  (``tests/test_fine_tune.py``).
+  (``tests/test_fine_tune.py``). Its cross-entropy is :func:`cross_entropy`, which
+  computes each exponential once and through ``mx.power`` (measured faster on a CPU).
 
 Both return ``(mean token loss, number of scored tokens)``, as ``default_loss`` does.
 """
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 LOSSES = ("scored", "all")
+
+_LOG2_E = 1 / math.log(2)
 
 
 def scored_mask(lengths: np.ndarray, width: int) -> np.ndarray:
@@ -54,6 +59,37 @@ def output_layer(model):
     return head if same else None
 
 
+def cross_entropy(logits, targets):
+    """Per-row cross-entropy ``logsumexp(logits) - logits[target]`` in nats: ``logits``
+    ``(N, V)`` floating, ``targets`` ``(N,)`` integer class indices; returns ``(N,)``
+    float32. On a GPU, ``mlx.nn.losses.cross_entropy`` (a fused kernel). On a CPU, the
+    same value and gradient to float rounding (``tests/test_fine_tune.py``) in less time,
+    for two reasons (``benchmarks/cross_entropy.py`` measures both on SmolLM2's 49,152
+    logits per row):
+
+    - One exponential per logit, not two. ``mx.logsumexp`` keeps only its result, so its
+      backward computes ``exp(logits - lse)`` again; here the exponentials of the forward
+      are kept, and the gradient through them is their value times the incoming one
+      (times ``ln 2``: the derivative of ``2**y``), so backward computes none.
+    - Each exponential as ``2**(y * log2(e))`` through ``mx.power``. The ``mlx-cpu`` wheel's
+      ``mx.exp`` evaluates its polynomial one float at a time, with a C library call per
+      multiply-add (``perf`` shows ``__fmaf_fma3`` under ``simd::exp<float, 1>``);
+      ``mx.power`` calls the C library's ``powf``, which is faster.
+
+    The row's maximum is subtracted first (as ``mlx.nn.losses.cross_entropy`` does), so
+    every power is at most 1 and large logits do not overflow; half-precision logits are
+    computed in float32, as the GPU kernel accumulates.
+    """
+    if mx.default_device() == mx.gpu:
+        return nn.losses.cross_entropy(logits, targets).astype(mx.float32)
+    logits = logits.astype(mx.float32)
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    e = mx.power(mx.array(2.0), (logits - top) * _LOG2_E)
+    lse = mx.log(e.sum(axis=-1)) + top.squeeze(-1)
+    score = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+    return lse - score
+
+
 def _head(model):
     """The output layer, without the check (``loss_function`` made it once)."""
     if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
@@ -75,7 +111,7 @@ def scored_loss(model, batch, lengths):
     rows, width, dim = hidden.shape
     where = mx.array(np.flatnonzero(scored_mask(np.array(lengths), width)).astype(np.uint32))
     logits = _head(model)(hidden.reshape(rows * width, dim)[where])
-    ce = nn.losses.cross_entropy(logits, targets.reshape(-1)[where])
+    ce = cross_entropy(logits, targets.reshape(-1)[where])
     ntoks = mx.array(where.size, dtype=mx.int32)
     # A rank whose rows score no token (a prompt cut by --max-seq-length) returns 0, not
     # NaN: the step multiplies by ntoks again before the all-reduce.
