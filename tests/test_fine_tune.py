@@ -104,6 +104,28 @@ def test_scored_logits_give_mlx_lms_loss_and_gradients(tiny_model, sample_data):
         assert worst < 1e-4
 
 
+def test_cross_entropy_gives_mlxs_value_and_gradient():
+    """The scored loss's cross-entropy (one exponential per logit, through mx.power) against
+    mlx.nn.losses.cross_entropy: ordinary and very large logits, half precision, no rows."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from course_lib.fine_tune.loss import cross_entropy
+
+    mx.random.seed(0)
+    targets = mx.random.randint(0, 1000, (7,))
+    for scale, dtype in ((3.0, mx.float32), (1e4, mx.float32), (3.0, mx.bfloat16)):
+        logits = (mx.random.normal((7, 1000)) * scale).astype(dtype)
+        wide = logits.astype(mx.float32)  # mlx's loss reduces in the logits' dtype on a CPU
+        ref, g_ref = mx.value_and_grad(lambda x: nn.losses.cross_entropy(x, targets).sum())(wide)
+        ours, g = mx.value_and_grad(lambda x: cross_entropy(x, targets).sum())(logits)
+        assert ours.dtype == mx.float32 and mx.isfinite(ours).item()
+        assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item())
+        worst = (mx.abs(g.astype(mx.float32) - g_ref).max() / mx.abs(g_ref).max()).item()
+        assert worst < (1e-2 if dtype == mx.bfloat16 else 1e-5)  # bfloat16: its gradient's rounding
+    assert cross_entropy(mx.zeros((0, 1000)), mx.zeros((0,), mx.int32)).shape == (0,)
+
+
 def test_loss_all_follows_the_scored_curve(one_rank_run, tmp_path):
     run(fine_tune_cmd(*SHORT, "--loss", "all", "--adapter-path", tmp_path))
     assert _max_rel_diff(read_train_losses(one_rank_run), read_train_losses(tmp_path)) < 1e-4
