@@ -7,6 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 py="${COURSE_VENV:-../.venv}/bin/python"
 echo "== the course's model: MFU, 2 ranks against 1, step anatomy, dtypes"
 "$py" real_model.py
+echo "== the scored loss's cross-entropy against mlx's"
+"$py" cross_entropy.py
 echo "== peer_comparison on the course's model"
 "$py" peer_comparison.py --model smollm2 --iters 10 --repeats 2
 for b in peer_comparison blas all_reduce ring_latency step_anatomy memory rank_metrics sharding; do

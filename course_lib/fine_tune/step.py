@@ -118,8 +118,8 @@ def resolve_streams(choice, rows: int, sharded: bool = False, compiled: bool = F
     (normalization, activations, softmax, the element-wise parts of the backward pass)
     runs on one core. Measured on the course's 2-core machine (``benchmarks/
     real_model.py``): one stream at 1 rank leaves a core idle through them, which is why 2
-    ranks of one stream each were 1.35x faster than 1 on the same 2 cores; 2 streams at 1
-    rank are 1.43x faster than one, and 2 ranks then only 1.01x."""
+    ranks of one stream each were 1.40x faster than 1 on the same 2 cores; 2 streams at 1
+    rank are 1.39x faster than one, and 2 ranks then only 1.01x."""
     if sharded:
         return 1
     if choice == "auto":
