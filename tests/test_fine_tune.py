@@ -24,18 +24,22 @@ def one_rank_run(tmp_path_factory, tiny_model):
     return out
 
 
-def test_a_run_that_builds_the_model_follows_a_run_that_finds_it(one_rank_run, tmp_path):
-    """Building the tiny model draws from MLX's random generator; the LoRA matrices are
-    drawn after it, from the run's seed, so the first run on a machine (an empty model
-    cache) gives the curve of every later one."""
+def test_a_run_that_builds_the_model_follows_a_run_that_finds_it(tmp_path):
+    """Building a course model draws from MLX's random generator (SmolLM2's conversion loads
+    it once to check it); the LoRA matrices are drawn after it, from the run's seed, so the
+    first run on a machine (an empty model cache) gives the curve of every later one."""
     from course_lib.launch import child_env
 
     env = child_env()
-    env["COURSE_LIB_CACHE"] = str(tmp_path / "empty-cache")
-    proc = run(fine_tune_cmd(*SHORT, "--adapter-path", tmp_path / "run"), env=env)
-    assert (tmp_path / "empty-cache" / "models").is_dir(), proc.stderr  # it built the model
-    built = read_train_losses(tmp_path / "run")
-    assert _max_rel_diff(read_train_losses(one_rank_run), built) < 1e-6
+    env["COURSE_LIB_CACHE"] = str(tmp_path / "cache")
+    short = ["--model", "smollm2", "--iters", "3", "--batch-size", "2", "--max-seq-length",
+             "256", "--steps-per-report", "1", "--steps-per-eval", "100", "--val-batches", "1"]
+    first = run(fine_tune_cmd(*short, "--adapter-path", tmp_path / "first"), env=env)
+    assert "Converting SmolLM2" in first.stderr  # this run built the model
+    later = run(fine_tune_cmd(*short, "--adapter-path", tmp_path / "later"), env=env)
+    assert "Converting SmolLM2" not in later.stderr
+    built, found = read_train_losses(tmp_path / "first"), read_train_losses(tmp_path / "later")
+    assert list(built) == [1, 2, 3] and built == found  # the same process, the same numbers
 
 
 @pytest.mark.distributed
@@ -123,7 +127,10 @@ def test_cross_entropy_gives_mlxs_value_and_gradient():
         assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item())
         worst = (mx.abs(g.astype(mx.float32) - g_ref).max() / mx.abs(g_ref).max()).item()
         assert worst < (1e-2 if dtype == mx.bfloat16 else 1e-5)  # bfloat16: its gradient's rounding
-    assert cross_entropy(mx.zeros((0, 1000)), mx.zeros((0,), mx.int32)).shape == (0,)
+    none, g_none = mx.value_and_grad(lambda x: cross_entropy(x, targets[:0]).sum())(
+        mx.zeros((0, 1000)))  # a rank whose rows score no token
+    mx.eval(none, g_none)
+    assert none.item() == 0.0 and g_none.shape == (0, 1000)
 
 
 def test_loss_all_follows_the_scored_curve(one_rank_run, tmp_path):
@@ -293,6 +300,40 @@ def test_bad_rows_in_training_data_name_file_and_line(line, message, tmp_path, s
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert _snapshot(earlier_outputs) == before
+
+
+def test_a_max_seq_length_that_cuts_every_response_off_is_a_clear_error(earlier_outputs):
+    before = _snapshot(earlier_outputs)
+    proc = run(fine_tune_cmd("--iters", "2", "--mask-prompt", "--max-seq-length", "8",
+                             "--adapter-path", earlier_outputs), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.jsonl: no row scores a token" in proc.stderr
+    assert "--max-seq-length 8" in proc.stderr and "--no-mask-prompt" in proc.stderr
+    assert _snapshot(earlier_outputs) == before
+
+
+def test_a_report_whose_rows_score_no_token_records_nan(tmp_path, tiny_model, sample_data):
+    """Rows whose prompt fills --max-seq-length score nothing: warned about at the start,
+    and a report window of only such rows has no mean loss (NaN in metrics.jsonl); the run
+    goes on."""
+    import math
+
+    data = tmp_path / "data"
+    data.mkdir()
+    chat = lambda prompt: json.dumps({"messages": [  # noqa: E731
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": "Arr, aye."}]})
+    (data / "train.jsonl").write_text("\n".join([chat("word " * 200)] * 5 + [chat("Hi?")] * 3))
+    shutil.copy(sample_data / "valid.jsonl", data / "valid.jsonl")
+    proc = run(fine_tune_cmd("--data", data, "--iters", "8", "--batch-size", "1",
+                             "--mask-prompt", "--max-seq-length", "96", "--steps-per-report", "1",
+                             "--steps-per-eval", "100", "--val-batches", "1",
+                             "--adapter-path", tmp_path / "run"))
+    assert "warning: 5 rows of train.jsonl score no token" in proc.stderr
+    from course_lib.plotting import read_metrics
+
+    windows = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert len(windows) == 8 and {r["tokens"] == 0 for r in windows} == {True, False}
+    assert all(math.isnan(r["loss"]) == (r["tokens"] == 0) for r in windows)
 
 
 def test_lora_alpha_sets_scale_and_is_written_for_mlx_lm(tmp_path, tiny_model):

@@ -22,6 +22,7 @@ def load_model(name: str, lazy: bool = False, seed: int | None = None):
     built and before ``mlx_lm.load``, so that what draws from it next (the LoRA matrices'
     initial values) is the same whether this call built the model or found it built
     (building draws from it: the tiny model's weights, the conversion's check load).
+    ``None`` leaves the generator as it is.
 
     ``name`` is a course model (``smollm2[:DTYPE]``, ``tiny``: see :mod:`course_lib.models`,
     built on first use), a model folder, or a Hugging Face id. ``model_path`` is what
@@ -77,8 +78,9 @@ def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int):
 def load_data(data_dir: Path, tokenizer, args):
     """``(train_rows, valid_rows)`` from ``data_dir``; ``valid_rows`` may be empty.
 
-    Raises :class:`UsageError` when the folder or ``train.jsonl`` is missing or either split
-    is smaller than the global batch.
+    Raises :class:`UsageError` when the folder or ``train.jsonl`` is missing, when either
+    split is smaller than the global batch, or when no row of a split scores a token (the
+    prompt masked and longer than ``--max-seq-length`` in every row); warns when some do not.
     """
     if not data_dir.is_dir():
         raise UsageError(f"--data {data_dir}: no such folder (it should hold train.jsonl and "
@@ -97,6 +99,19 @@ def load_data(data_dir: Path, tokenizer, args):
         dist.eprint0(f"warning: {cut + cut_v} rows are longer than --max-seq-length "
                      f"{args.max_seq_length} and were truncated; drop them instead with "
                      "`python -m course_lib.data ... --max-tokens`")
+    if args.mask_prompt:  # the prompt fills the whole truncated row: no target is scored
+        for name, rows in (("train", train), ("valid", valid)):
+            empty = sum(offset >= len(tokens) for tokens, offset in rows)
+            if rows and empty == len(rows):
+                raise UsageError(
+                    f"{data_dir / (name + '.jsonl')}: no row scores a token: the prompt "
+                    f"(masked) fills all --max-seq-length {args.max_seq_length} tokens of "
+                    "every row; raise --max-seq-length, or pass --no-mask-prompt to score "
+                    "the prompts too")
+            if empty:
+                dist.eprint0(f"warning: {empty} rows of {name}.jsonl score no token: the "
+                             f"prompt (masked) fills all their --max-seq-length "
+                             f"{args.max_seq_length} tokens")
     for name, rows in (("train", train), ("valid", valid)):
         if rows and len(rows) < args.batch_size:
             raise UsageError(f"{data_dir / (name + '.jsonl')} has {len(rows)} rows, fewer than "

@@ -29,7 +29,8 @@ def validation_loss(model, valid_rows, args, group, loss_fn, share=None,
     function ``loss_fn`` and padding. Leaves the model training. ``share`` ``(rank, size)``
     picks the rows (default the group's; ``(0, 1)``: all of them, as under tensor
     parallelism, where the sums then count each row N times). ``split`` computes each
-    batch as pieces on concurrent streams, as the step does (``--streams``)."""
+    batch as pieces on concurrent streams, as the step does (``--streams``). NaN
+    when those batches score no token (``--max-seq-length`` cut every response off)."""
     split = split or StreamSplit(1)
     share = share or (group.rank(), group.size())
     batches = GlobalBatches(valid_rows, args.batch_size, args.seed)
@@ -45,7 +46,8 @@ def validation_loss(model, valid_rows, args, group, loss_fn, share=None,
         mx.eval(total, count)
     model.train()
     totals = dist.all_sum(mx.stack([total, count.astype(mx.float32)]), group)
-    return totals[0].item() / totals[1].item()
+    scored = totals[1].item()  # 0: every row cut off before its response
+    return totals[0].item() / scored if scored else float("nan")
 
 
 def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Outputs, log,
@@ -159,7 +161,11 @@ def train(model, optimizer, train_rows, valid_rows, args, group, outputs: Output
         if it % args.steps_per_report == 0 or it == args.iters or stopping:
             # Global loss: sum of token losses over all ranks / all their tokens.
             totals = dist.all_sum(mx.stack([window_loss, window_toks.astype(mx.float32)]), group)
-            loss, toks = totals[0].item() / totals[1].item(), int(totals[1].item()) // replicas
+            scored = totals[1].item()
+            # NaN for a window whose rows score no token (prompts cut by --max-seq-length):
+            # its mean is undefined (its steps' gradients were 0).
+            loss = totals[0].item() / scored if scored else float("nan")
+            toks = int(scored) // replicas
             train_seconds += window_time
             train_tokens += toks
             peak = mx.array(mx.get_peak_memory() / 1e9)  # this rank's; report the largest

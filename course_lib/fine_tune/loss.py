@@ -77,8 +77,10 @@ def cross_entropy(logits, targets):
       ``mx.power`` calls the C library's ``powf``, which is faster.
 
     The row's maximum is subtracted first (as ``mlx.nn.losses.cross_entropy`` does), so
-    every power is at most 1 and large logits do not overflow; half-precision logits are
-    computed in float32, as the GPU kernel accumulates.
+    every power is at most 1 and large logits do not overflow. On a CPU, half-precision
+    logits are computed in float32 (mlx's loss would reduce in their dtype there); on a GPU
+    the result is mlx's, which accumulates in float32 and returns the logits' dtype, cast
+    to float32. Targets outside ``[0, V)`` are not checked (``take_along_axis`` does not).
     """
     if mx.default_device() == mx.gpu:
         return nn.losses.cross_entropy(logits, targets).astype(mx.float32)

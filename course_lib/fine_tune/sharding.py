@@ -153,11 +153,12 @@ class Sharding:
         the reduce-scatter in the backward pass; any whole parameter's are all-summed
         here; all are divided by the global token count (one small ``all_sum``).
         ``tensor``: every rank computed the whole batch, so its gradients are complete:
-        divided by its token count."""
+        divided by its token count. A step that scores no token (prompts cut by
+        ``--max-seq-length``) divides its zero gradients by 1, not 0."""
         if self.mode == "tensor":
-            total = ntoks.astype(mx.float32)
+            total = mx.maximum(ntoks, 1).astype(mx.float32)
             return tree_map(lambda g: g / total, grad_sum)
-        total = dist.all_sum(ntoks.astype(mx.float32), self.group)
+        total = mx.maximum(dist.all_sum(ntoks.astype(mx.float32), self.group), 1.0)
         flat = [(k, g if self.axis_of(k) is not None else dist.all_sum(g, self.group))
                 for k, g in tree_flatten(grad_sum)]
         return tree_unflatten([(k, g / total) for k, g in flat])

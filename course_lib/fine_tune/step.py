@@ -288,12 +288,14 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, shardin
             # tokens): exactly the gradient one rank would compute on the whole batch.
             reduced = average({"grads": grad_sum, "ntoks": ntoks.astype(mx.float32)})
             del grad_sum
-            total = reduced["ntoks"]
+            # A step whose rows score no token anywhere (prompts cut by --max-seq-length)
+            # has zero gradients: divided by 1, not 0, they stay zero instead of NaN.
+            total = mx.where(reduced["ntoks"] > 0, reduced["ntoks"], 1.0)
             grads = tree_map(lambda g: g / total, reduced.pop("grads"))
             del reduced
         else:
             # mlx_lm's way: this rank's mean, then the mean of the means.
-            grads = average(tree_map(lambda g: g / ntoks, grad_sum))
+            grads = average(tree_map(lambda g: g / mx.maximum(ntoks, 1), grad_sum))
             del grad_sum
         # Every rank now holds the same gradient (under fsdp: its pieces of it).
         timer.lap("all_reduce", grads)

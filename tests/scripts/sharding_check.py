@@ -44,8 +44,7 @@ def build(ftype, mode):
                                       "--num-layers", "-1", "--sharding", mode])
     apply_recipe(args)
     check_sharding(args, size if mode != "none" else 1)
-    mx.random.seed(7)
-    model, tokenizer, _ = load_model("tiny", lazy=True)
+    model, tokenizer, _ = load_model("tiny", lazy=True, seed=7)  # seeded after any build
     rows, _ = load_data(DEFAULT_DATA, tokenizer, args)
     add_adapters(model, args)
     for name, m in model.named_modules():
