@@ -191,7 +191,8 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
                 train = [r for r in read_metrics_so_far(metrics) if r["split"] == "train"]
                 if train:
                     last = train[-1]
-                    bar.update(last["iteration"], f"train loss {last['loss']:.3f}, "
+                    loss = "n/a" if last["loss"] is None else f"{last['loss']:.3f}"
+                    bar.update(last["iteration"], f"train loss {loss}, "
                                f"{last['tokens_per_second']:.0f} tokens/s")
             if timeout is not None and time.monotonic() - started > timeout:
                 proc.kill()

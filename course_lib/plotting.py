@@ -51,8 +51,10 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
     ax = ax or fig.add_subplot(1, 1, 1)
     for i, (label, records) in enumerate(runs.items()):
         color = f"C{i}"
-        train = [(r["iteration"], r["loss"]) for r in records if r["split"] == "train"]
-        valid = [(r["iteration"], r["loss"]) for r in records if r["split"] == "valid"]
+        # None/NaN: a window that scored no token has no loss to draw.
+        scored = [r for r in records if r["loss"] is not None and r["loss"] == r["loss"]]
+        train = [(r["iteration"], r["loss"]) for r in scored if r["split"] == "train"]
+        valid = [(r["iteration"], r["loss"]) for r in scored if r["split"] == "valid"]
         if train:
             ax.plot(*zip(*train), color=color, label=f"{label}: train")
         if valid:

@@ -245,8 +245,10 @@ def _summary(args, backend, group, config, n_train, resumed_from, history, stats
     """What ``summary.json`` holds (see the package's docstring), less what ``run`` adds
     about sharding."""
     size = group.size()
-    train_losses = [h["loss"] for h in history if h["split"] == "train"]
-    valid_losses = [h["loss"] for h in history if h["split"] == "valid"]
+    # Windows that scored no token have no loss (NaN in memory, null once read back).
+    has_loss = lambda h: h["loss"] is not None and h["loss"] == h["loss"]  # noqa: E731
+    train_losses = [h["loss"] for h in history if h["split"] == "train" and has_loss(h)]
+    valid_losses = [h["loss"] for h in history if h["split"] == "valid" and has_loss(h)]
     summary = {
         "backend": backend,
         "world_size": size,

@@ -80,7 +80,7 @@ def load_data(data_dir: Path, tokenizer, args):
 
     Raises :class:`UsageError` when the folder or ``train.jsonl`` is missing, when either
     split is smaller than the global batch, or when no row of a split scores a token (the
-    prompt masked and longer than ``--max-seq-length`` in every row); warns when some do not.
+    prompt masked and as long as ``--max-seq-length`` in every row); warns when some do not.
     """
     if not data_dir.is_dir():
         raise UsageError(f"--data {data_dir}: no such folder (it should hold train.jsonl and "
@@ -99,19 +99,21 @@ def load_data(data_dir: Path, tokenizer, args):
         dist.eprint0(f"warning: {cut + cut_v} rows are longer than --max-seq-length "
                      f"{args.max_seq_length} and were truncated; drop them instead with "
                      "`python -m course_lib.data ... --max-tokens`")
-    if args.mask_prompt:  # the prompt fills the whole truncated row: no target is scored
-        for name, rows in (("train", train), ("valid", valid)):
-            empty = sum(offset >= len(tokens) for tokens, offset in rows)
-            if rows and empty == len(rows):
-                raise UsageError(
-                    f"{data_dir / (name + '.jsonl')}: no row scores a token: the prompt "
-                    f"(masked) fills all --max-seq-length {args.max_seq_length} tokens of "
-                    "every row; raise --max-seq-length, or pass --no-mask-prompt to score "
-                    "the prompts too")
-            if empty:
-                dist.eprint0(f"warning: {empty} rows of {name}.jsonl score no token: the "
-                             f"prompt (masked) fills all their --max-seq-length "
-                             f"{args.max_seq_length} tokens")
+    # pad_batch's and default_loss's rule: a row scores targets max(offset, 1) .. its
+    # length, but never the last position of a row cut to --max-seq-length.
+    limit = args.max_seq_length - 1
+    why = (" the prompt (masked) fills all their --max-seq-length "
+           f"{args.max_seq_length} tokens" if args.mask_prompt else
+           f" --max-seq-length {args.max_seq_length} leaves no target")
+    for name, rows in (("train", train), ("valid", valid)):
+        empty = sum(max(offset, 1) > min(len(tokens), limit) for tokens, offset in rows)
+        if rows and empty == len(rows):
+            raise UsageError(
+                f"{data_dir / (name + '.jsonl')}: no row scores a token:{why}; raise "
+                "--max-seq-length" + (", or pass --no-mask-prompt to score the prompts too"
+                                      if args.mask_prompt else ""))
+        if empty:
+            dist.eprint0(f"warning: {empty} rows of {name}.jsonl score no token:{why}")
     for name, rows in (("train", train), ("valid", valid)):
         if rows and len(rows) < args.batch_size:
             raise UsageError(f"{data_dir / (name + '.jsonl')} has {len(rows)} rows, fewer than "

@@ -13,6 +13,7 @@ from course_lib import distributed as dist
 from course_lib.fine_tune.batches import GlobalBatches
 from course_lib.fine_tune.faults import Watchdog, arm_timed_fault, maybe_fault
 from course_lib.fine_tune.interrupts import Interrupted, StopAgreement, StoppedByRankZero
+from course_lib.fine_tune.loss import scores_any
 from course_lib.fine_tune.outputs import Outputs
 from course_lib.fine_tune.reporting import Reporter
 from course_lib.fine_tune.step import (PhaseTimer, StreamSplit, make_step, pad_multiple,
@@ -39,9 +40,9 @@ def validation_loss(model, valid_rows, args, group, loss_fn, share=None,
     total, count = mx.array(0.0), mx.array(0)
     model.eval()
     for _ in range(n):
-        pieces = split.map(lambda b, l: loss_fn(model, b, l),
+        pieces = split.map(lambda b, l: loss_fn(model, b, l) if scores_any(b, l) else None,
                            *batches.next(*share, args.max_seq_length, pad_multiple(args)))
-        for loss, ntoks in pieces:
+        for loss, ntoks in filter(None, pieces):  # None: a piece that scores no token
             total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     model.train()

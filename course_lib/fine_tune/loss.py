@@ -36,6 +36,14 @@ def scored_mask(lengths: np.ndarray, width: int) -> np.ndarray:
     return (steps >= lengths[:, :1]) & (steps <= lengths[:, 1:])
 
 
+def scores_any(batch, lengths) -> bool:
+    """Whether any target of ``batch`` ``(B, L)`` is scored under ``lengths`` ``(B, 2)``
+    (:func:`scored_mask`; read on the host, where both are inputs). A piece that scores
+    none has no mean loss: mlx_lm's ``default_loss`` divides by its zero count (NaN, in
+    the gradients too), so the step and validation leave such pieces out."""
+    return bool(scored_mask(np.array(lengths), batch.shape[1] - 1).any())
+
+
 def output_layer(model):
     """The module or function that maps ``model.model``'s hidden states to logits (the
     tied embedding's ``as_linear`` or ``lm_head``), or None when the model's logits are

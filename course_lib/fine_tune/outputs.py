@@ -96,6 +96,13 @@ def _describe_holder(text: str) -> str:
         return "a process that holds its lock file"
 
 
+def _nan_to_none(record: dict) -> dict:
+    """``record`` with NaN numbers (a window that scored no token has no mean loss) as
+    None, so that ``metrics.jsonl`` is strict JSON (``null``) for any reader."""
+    return {k: _nan_to_none(v) if isinstance(v, dict) else
+            (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
+
+
 class Outputs:
     """Everything the run writes. On ranks other than 0 every method does nothing.
 
@@ -135,14 +142,14 @@ class Outputs:
         return kept
 
     def metric(self, record: dict) -> None:
-        """Append one record to ``metrics.jsonl``. On failure the file is cut back to its
+        """Append one record to ``metrics.jsonl`` (NaN written as ``null``). On failure the file is cut back to its
         previous length (no half line) and the error kept in :attr:`error`."""
         if not self._metrics or self.error:
             return
         size = self._metrics.stat().st_size if self._metrics.exists() else 0
         try:
             with open(self._metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(_nan_to_none(record)) + "\n")
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.truncate(self._metrics, size)

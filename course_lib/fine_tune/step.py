@@ -15,7 +15,7 @@ from mlx.utils import tree_map
 
 from course_lib import blas
 from course_lib import distributed as dist
-from course_lib.fine_tune.loss import loss_function
+from course_lib.fine_tune.loss import loss_function, scores_any
 
 
 class PhaseTimer:
@@ -258,6 +258,15 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, shardin
         update = mx.compile(update, inputs=[model.state, optimizer.state],
                             outputs=[model.state, optimizer.state])
 
+    def scored_token_sums(batch, lengths):
+        """``token_sums``, or None for a piece whose rows score no token (prompts cut by
+        ``--max-seq-length``): checked on the host, outside any compiled graph. Under
+        sharding every rank runs every backward pass (its collectives), so none is left
+        out there; the scored loss returns 0 for such a piece by itself."""
+        if not inside and not scores_any(batch, lengths):
+            return None
+        return token_sums(batch, lengths)
+
     def step(micro_batches):
         if sharding is None:
             return counted_step(micro_batches)
@@ -271,10 +280,15 @@ def make_step(model, optimizer, args, group, timer: PhaseTimer, loss_fn, shardin
         # would stay in memory beside its all-reduced copy and the optimizer's moments.
         grad_sum, loss_sum, ntoks = None, mx.array(0.0), mx.array(0)
         for batch, lengths in micro_batches:
-            for loss, n, grads in split.map(token_sums, batch, lengths):
+            for result in split.map(scored_token_sums, batch, lengths):
+                if result is None:  # this piece scores no token: it adds nothing
+                    continue
+                loss, n, grads = result
                 grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
                 loss_sum, ntoks = loss_sum + loss, ntoks + n
-                del grads
+                del grads, result
+        if grad_sum is None:  # no piece on this rank scored a token: zeros to all-reduce
+            grad_sum = tree_map(mx.zeros_like, model.trainable_parameters())
         timer.lap("forward_backward", grad_sum, loss_sum, ntoks)
         if timer.barrier and group.size() > 1 and not inside:
             dist.barrier(group)
