@@ -225,8 +225,12 @@ def install_kernel(venv: str) -> Path:
     """Write the Jupyter kernel spec ``course-mlx`` into ``VENV/share/jupyter/kernels``.
 
     The kernel runs this interpreter with the optimized BLAS preloaded (when one applies),
-    so notebook cells get fast matmuls too. Returns the kernel folder.
+    so notebook cells get fast matmuls too, and with ``MLX_MPI_LIBNAME`` naming the
+    environment's Open MPI (:mod:`course_lib.mpi`), so MLX in a notebook finds MPI as it does
+    under ``mpirun``. Returns the kernel folder.
     """
+    from course_lib.mpi import environment_mpirun, find_libmpi
+
     folder = Path(venv) / "share" / "jupyter" / "kernels" / "course-mlx"
     folder.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -235,9 +239,15 @@ def install_kernel(venv: str) -> Path:
         "language": "python",
         "metadata": {"debugger": True},
     }
+    env = {}
     lib = preload_path()
     if lib:
-        spec["env"] = {"LD_PRELOAD": lib, _ACTIVE_VAR: lib}
+        env.update({"LD_PRELOAD": lib, _ACTIVE_VAR: lib})
+    libmpi = find_libmpi(environment_mpirun().parent.parent)
+    if libmpi:
+        env["MLX_MPI_LIBNAME"] = str(libmpi)
+    if env:
+        spec["env"] = env
     (folder / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
     return folder
 

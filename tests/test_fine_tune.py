@@ -33,7 +33,7 @@ def test_a_run_that_builds_the_model_follows_a_run_that_finds_it(tmp_path):
 
     env = child_env()
     env["COURSE_LIB_CACHE"] = str(tmp_path / "cache")
-    short = ["--model", "smollm2", "--iters", "3", "--batch-size", "2", "--max-seq-length",
+    short = ["--model", "smollm2:float32", "--iters", "3", "--batch-size", "2", "--max-seq-length",
              "256", "--steps-per-report", "1", "--steps-per-eval", "100", "--val-batches", "1"]
     first = run(fine_tune_cmd(*short, "--adapter-path", tmp_path / "first"), env=env)
     assert "Converting SmolLM2" in first.stderr  # this run built the model
@@ -186,7 +186,7 @@ def test_real_model_at_two_ranks_end_to_end(tmp_path, smollm2):
     """The course's default: SmolLM2 and its recipe, a few steps under mpirun -np 2; then
     mlx_lm's own generate command loads the converted model with our adapter."""
     out = tmp_path / "adapters"
-    proc = run(mpirun(2, *fine_tune_cmd("--model", "smollm2", "--iters", "4",
+    proc = run(mpirun(2, *fine_tune_cmd("--model", "smollm2:float32", "--iters", "4",
                                         "--steps-per-report", "2", "--steps-per-eval", "4",
                                         "--val-batches", "1", "--save-every", "2",
                                         "--adapter-path", out)))
@@ -207,7 +207,7 @@ def test_real_model_at_two_ranks_end_to_end(tmp_path, smollm2):
     train = [r for r in records if r["split"] == "train"]
     assert all(r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0 for r in train)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["model"] == str(smollm2) and config["model_name"] == "smollm2"
+    assert config["model"] == str(smollm2) and config["model_name"] == "smollm2:float32"
     assert config["num_layers"] == 8 and config["mask_prompt"] is True
 
     gen = run([PY, "-m", "mlx_lm", "generate", "--model", config["model"],
@@ -401,6 +401,9 @@ def test_streams_default_to_the_cores_per_rank_on_a_cpu(monkeypatch):
     from course_lib import blas
     from course_lib.fine_tune.step import resolve_streams
 
+    import mlx.core as mx
+
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)  # a CPU, also on a Mac
     cores = os.cpu_count() or 1
     monkeypatch.setattr(blas, "blas_threads", lambda: None)  # no OpenBLAS: cores per rank
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)

@@ -9,18 +9,6 @@ from conftest import PY, json_objects, mpirun, run
 from course_lib import evaluate, launch
 
 
-def test_mpirun_command_flags(monkeypatch):
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    cmd = launch.mpirun_command(4, "python", "x.py", interface="bridge0")
-    assert cmd[:5] == ["mpirun", "-np", "4", "--allow-run-as-root", "--oversubscribe"]
-    assert cmd[5:] == ["--mca", "btl_tcp_if_include", "bridge0", "--mca", "oob_tcp_if_include",
-                       "bridge0", "python", "x.py"]
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert launch.mpirun_command(2, "x", hostfile="hostfile") == [
-        "mpirun", "-np", "2", "--hostfile", "hostfile", "x"]
-
-
 @pytest.mark.distributed
 def test_hello_all_sum_on_two_ranks():
     proc = run(mpirun(2, PY, "-m", "course_lib.distributed", "hello"), timeout=120)

