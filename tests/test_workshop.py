@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import time
@@ -23,7 +24,8 @@ import course_lib
 from course_lib import doctor, lab as labmod
 from course_lib.hostfile import Host, read_hostfile
 from course_lib.lab import Lab
-from course_lib.workshop import WorkshopError, choose_network, local_networks
+from course_lib.mpi import MPIError, find_open_mpi
+from course_lib.workshop import WorkshopError, choose_network, local_networks, who_failed
 
 REASON = labmod.unavailable_reason() or (
     None if shutil.which("rsync") else "rsync not found: bash scripts/setup.sh installs it")
@@ -92,15 +94,57 @@ def test_local_networks_and_the_network_of_rank_0(monkeypatch):
     assert choose_network(hosts[:1]) is None
 
 
+def _open_mpi():
+    try:
+        return find_open_mpi()
+    except MPIError as e:
+        pytest.skip(f"no Open MPI: {e}")
+
+
 def test_doctor_names_an_interface_that_is_not_there():
-    """The wrong-interface message `check` quotes, from a real mpirun (no lab needed)."""
-    if shutil.which("mpirun") is None:
-        pytest.skip("OpenMPI's mpirun is not installed (scripts/setup.sh installs it)")
+    """The wrong-interface messages `check` quotes, from a real mpirun (no lab needed):
+    Open MPI 5 exits 213 and does not say which interface it was given."""
+    if _open_mpi().major != 5:
+        pytest.skip("the exit status and message are Open MPI 5's")
     proc = run([PY, "-m", "course_lib.doctor", "--ranks", "2", "--interface", "nosuch0"],
                check=False, timeout=120)
     assert proc.returncode == 1
-    assert ("FAIL  all-reduce: mpirun -np 2 exited 1: no network interface matches nosuch0 "
+    assert ("FAIL  all-reduce: mpirun -np 2 exited 213: no network interface matches nosuch0 "
             "on the host that starts the ranks") in proc.stdout
+    if not any(name != "lo" for name, _ in local_networks()):
+        return  # a machine with loopback only: Open MPI uses lo there
+    proc = run([PY, "-m", "course_lib.doctor", "--ranks", "2", "--interface", "lo"],
+               check=False, timeout=120)
+    assert proc.returncode == 1
+    assert ("FAIL  all-reduce: mpirun -np 2 exited 213: Open MPI found no network interface "
+            "for lo on the host that starts the ranks: it does not use a loopback interface "
+            "while the host has another network") in proc.stdout
+
+
+@pytest.mark.parametrize("output,found", [
+    # Open MPI 5.0.11: a rank that exits non-zero, and one killed (its node is that host's
+    # own host name, not the hostfile's entry), each banner as a NUL-ended capture.
+    ("-----\nprterun detected that one or more processes exited with non-zero status,\n"
+     "thus causing the job to be terminated. The first process to do so was:\n\n"
+     "   Process name: [prterun-lab-a-14417@1,1]\n   Exit code:    3\n-----\n\0",
+     ("10.0.0.2", "rank 1 on 10.0.0.2 exited with code 3")),
+    ("-----\nprterun noticed that process rank 2 with PID 14393 on node lab-c exited on\n"
+     "signal 9 (Killed).\n-----\n\0", ("10.0.0.3", "rank 2 on 10.0.0.3 was killed (signal "
+                                          "9, Killed)")),
+    # Open MPI 4.1.
+    ("Process name: [[4113,1],0]\n  Exit code:    1\n",
+     ("10.0.0.1", "rank 0 on 10.0.0.1 exited with code 1")),
+    ("mpirun noticed that process rank 1 with PID 0 on node 10.0.0.2 exited on signal 9 "
+     "(Killed).", ("10.0.0.2", "rank 1 on 10.0.0.2 was killed (signal 9, Killed)")),
+    # The fine-tune's --step-timeout; a rank the hostfile does not have; nothing known.
+    ("rank 2: no step finished for 60 s (--step-timeout)",
+     (None, "rank 2 (10.0.0.3) waited 60 s for a step: another host stopped answering")),
+    ("Process name: [prterun-x-1@1,7]\n Exit code: 1", None),
+    ("Traceback ...\nValueError: no", None),
+])
+def test_who_failed_maps_the_rank_to_its_hostfile_entry(output, found):
+    hosts = [Host("10.0.0.1", 1), Host("10.0.0.2", 1), Host("10.0.0.3", 2)]
+    assert who_failed(output, hosts) == found
 
 
 def test_doctor_json_reports_versions_and_every_check():
@@ -111,7 +155,8 @@ def test_doctor_json_reports_versions_and_every_check():
     assert found["versions"]["course_lib"] == course_lib.__version__
     assert found["versions"]["course_lib_files"] == doctor.source_digest()
     checks = [r["check"] for r in found["results"]]
-    assert checks[:3] == ["MLX", "BLAS", "OpenMPI"] and checks[-1] == "all-reduce"
+    assert checks[:6] == ["platform", "defaults", "MLX", "BLAS", "OpenMPI", "libmpi"]
+    assert checks[-1] == "all-reduce"
     assert proc.returncode == (1 if any(r["status"] == "FAIL" for r in found["results"]) else 0)
     assert "PASS  MLX" in proc.stderr  # the lines go to stderr
 
@@ -200,7 +245,18 @@ def test_from_a_list_of_hosts_to_a_two_host_run(classroom, tiny_model):
     before = lab.counters("a")
     proc = room.ws("run", "--", *FT, "--adapter-path", out)
     cmd = proc.stdout.splitlines()[0]
-    assert "--mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24" in cmd
+    # The mpirun line: the course's Open MPI by its absolute path, --prefix (where prted is
+    # on b), both interface options for the hosts' subnet (out-of-band: PRRTE's, in 5.x),
+    # the libmpi MLX opens, all ranks free of core binding, the program by absolute path.
+    mpi = _open_mpi()
+    assert mpi.mpirun.is_absolute() and mpi.libmpi is not None
+    assert cmd == "run: " + shlex.join([
+        str(mpi.mpirun), "-np", "2", "--hostfile", str(room.hostfile.resolve()),
+        "--allow-run-as-root", "--prefix", str(mpi.prefix),
+        "--mca", "btl_tcp_if_include", "10.77.0.0/24",
+        "--prtemca" if mpi.major >= 5 else "--mca", "oob_tcp_if_include", "10.77.0.0/24",
+        "-x", f"MLX_MPI_LIBNAME={mpi.libmpi}", "--bind-to", "none",
+        PY, "-m", "course_lib.fine_tune", *FT, "--adapter-path", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["world_size"], summary["backend"]) == (2, "mpi")
     volume = summary["iterations"] * summary["trainable_parameters"] * 4
@@ -212,8 +268,11 @@ def test_from_a_list_of_hosts_to_a_two_host_run(classroom, tiny_model):
     tic = time.monotonic()
     proc = room.ws("run", "--env", "COURSE_LIB_FAULT=kill-rank-1@4", "--", *FT,
                    "--adapter-path", left, check=False)
-    assert proc.returncode != 0 and time.monotonic() - tic < 120
-    assert f"rank 1 on {B} was killed (signal 9" in proc.stderr
+    assert proc.returncode == 137 and time.monotonic() - tic < 120
+    # Open MPI names the node lab-b (b's own host name); run names the hostfile's entry.
+    assert "on node lab-b exited on" in proc.stdout
+    assert f"run: mpirun exited 137: rank 1 on {B} was killed (signal 9, Killed)." \
+        in proc.stderr
     assert f"if {B} left, list the others: python -m course_lib.workshop hosts {A}:1" \
         in proc.stderr
     assert "then continue from the last checkpoint: python -m course_lib.workshop run -- " \
@@ -279,16 +338,24 @@ def test_each_failure_in_the_guide(classroom, tiny_model):
     proc = room.ws("check", "--interface", "lo", check=False)
     assert proc.returncode == 1 and re.match(rf"{re.escape(B)}\s.*match\s+FAIL$",
                                              _row(proc.stdout, B))
-    assert (f"  {B}: all-reduce with rank 0: mpirun -np 2 exited 1: lab-b could not open a "
-            "TCP connection to lab-a (a firewall, or an interface that does not reach it)\n"
+    assert (f"  {B}: all-reduce with rank 0: mpirun -np 2 exited 213: Open MPI found no "
+            "network interface for lo on the host that starts the ranks: it does not use a "
+            "loopback interface while the host has another network\n"
             "    fix: leave out --interface") in proc.stdout
     proc = room.ws("check", "--interface", "nosuch0", check=False)
-    assert "exited 1: no network interface matches nosuch0 on the host that starts the ranks" \
-        in proc.stdout
+    assert proc.returncode == 1 and re.match(rf"{re.escape(B)}\s.*match\s+FAIL$",
+                                             _row(proc.stdout, B))
+    assert (f"  {B}: all-reduce with rank 0: mpirun -np 2 exited 213: no network interface "
+            "matches nosuch0 on the host that starts the ranks") in proc.stdout
     proc = room.ws("run", "--interface", "nosuch0", "--", *FT, "--adapter-path",
                    room.folder / "nowhere", check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "None of the TCP networks specified to be included" in proc.stdout
+    assert proc.returncode == 213
+    assert ("No network interfaces were found for out-of-band communications. We require\n"
+            "at least one available network for out-of-band messaging.") in proc.stdout
+    # Ranks that never started: run says why, not that a laptop left.
+    assert ("run: mpirun exited 213 before the fine-tune started: no network interface "
+            "matches nosuch0 on the host that starts the ranks") in proc.stderr
+    assert "left" not in proc.stderr and "--resume" not in proc.stderr
 
     # 5. A slow link (Wi-Fi): check passes with a warning on that host's bandwidth.
     lab.set_shape("wifi", log=lambda m: None)
