@@ -432,13 +432,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m course_lib.models",
         description="Print the folder of a course model, building it on first use.")
-    parser.add_argument("name", nargs="?", default="smollm2", choices=NAMES,
-                        help="smollm2 (the course's model, default) or tiny (the tests')")
+    parser.add_argument("name", nargs="?", default="smollm2",
+                        help="smollm2 (the course's model, default; smollm2:DTYPE names its "
+                        "weights, as --model does) or tiny (the tests')")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="smollm2's weights: float32 (default on CPUs), bfloat16, or 4bit "
                         "(default on Apple GPUs)")
     parser.add_argument("--force", action="store_true", help="rebuild even if it exists")
     args = parser.parse_args(argv)
+    try:
+        parsed = parse_name(args.name)
+    except ModelError as e:
+        parser.error(str(e))
+    if parsed is None:
+        parser.error(f"argument name: invalid choice: {args.name!r} (choose from "
+                     f"{', '.join(NAMES)}, or smollm2:DTYPE)")
+    if parsed[1] and args.dtype and parsed[1] != args.dtype:
+        parser.error(f"{args.name} and --dtype {args.dtype} disagree")
+    args.name, args.dtype = parsed[0], parsed[1] or args.dtype
     if args.name == "tiny" and args.dtype:
         parser.error("--dtype applies to smollm2 only")
     try:

@@ -7,7 +7,9 @@
 # The user ($COURSE_TEST_USER, default course-student) gets a copy of this checkout in its
 # home and its own virtual environment from Debian's /usr/bin/python3: the root lane's
 # Python lives under /root/.pyenv, and /root is mode 700. The model cache root built is
-# copied over, so the tiny model is not pretrained twice.
+# copied over, so the tiny model is not pretrained twice. TMPDIR is the user's own, as on a
+# Mac: MLX keeps its compiled CPU kernels in $TMPDIR/mlx, which root's lane made unwritable
+# for others in /tmp.
 # Usage (as root): bash scripts/test_unprivileged.sh [pytest options]
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +26,7 @@ home="$(getent passwd "$user" | cut -d: -f6)"
 lane="$home/lane"
 say "copying the checkout to $lane/main (tracked and untracked files, as git lists them)"
 rm -rf "$lane"
-mkdir -p "$lane/main" "$lane/shared/tools"
+mkdir -p "$lane/main" "$lane/shared/tools" "$lane/tmp"
 (cd "$repo" && git ls-files -z --cached --others --exclude-standard |
     rsync -a --from0 --files-from=- ./ "$lane/main/")
 cp "$bash32" "$lane/shared/tools/bash-3.2"
@@ -39,7 +41,7 @@ chown -R "$user:" "$lane" "$home/.cache" 2>/dev/null || chown -R "$user:" "$lane
 say "as $user: bash 3.2 runs scripts/test.sh (set-up with $python, then pytest) on the 2-rank tests and tests/test_scripts.py"
 cd "$lane/main"
 exec runuser -u "$user" -- env -i HOME="$home" USER="$user" LANG=C.UTF-8 \
-    PATH=/usr/bin:/bin:/usr/sbin:/sbin PYTHON="$python" \
+    PATH=/usr/bin:/bin:/usr/sbin:/sbin PYTHON="$python" TMPDIR="$lane/tmp" \
     COURSE_TEST_BASH="$lane/shared/tools/bash-3.2" \
     "$lane/shared/tools/bash-3.2" scripts/test.sh -p no:cacheprovider \
     -m "distributed or mac_conditions" tests/ "$@"

@@ -184,10 +184,13 @@ def test_truncated_or_missing_package_fails_clearly(tmp_path, monkeypatch):
 
 
 def test_cli_prints_the_folder_and_rejects_bad_names(smollm2, tiny_model):
-    assert run([PY, "-m", "course_lib.models"]).stdout.strip() == str(smollm2)
+    assert run([PY, "-m", "course_lib.models", "smollm2:float32"]).stdout.strip() == str(smollm2)
+    assert run([PY, "-m", "course_lib.models", "--dtype", "float32"]).stdout.strip() == str(smollm2)
     assert run([PY, "-m", "course_lib.models", "tiny"]).stdout.strip() == str(tiny_model)
     bad = run([PY, "-m", "course_lib.models", "tiny", "--dtype", "4bit"], check=False)
     assert bad.returncode == 2 and "--dtype applies to smollm2 only" in bad.stderr
+    bad = run([PY, "-m", "course_lib.models", "smollm2:4bit", "--dtype", "float32"], check=False)
+    assert bad.returncode == 2 and "smollm2:4bit and --dtype float32 disagree" in bad.stderr
     with pytest.raises(models.ModelError, match="dtype 'int3'"):
         models.resolve("smollm2:int3")
     assert models.resolve("mistralai/Mistral-7B-Instruct-v0.2") == \
