@@ -249,7 +249,38 @@ def check_remote(report: Report, hosts, timeout: float = 10) -> bool:
             ok = False
         else:
             report.add("PASS", f"versions on {h.name}", ", ".join(f"{k} {v}" for k, v in mine.items()))
+        ok = check_remote_mpi(report, h.name, base, timeout) and ok
     return ok
+
+
+def check_remote_mpi(report: Report, host: str, ssh: list[str], timeout: float = 10) -> bool:
+    """Over ``ssh`` (the command line up to the remote command): the PATH a login there gets
+    (on a Mac ``/usr/bin:/bin:/usr/sbin:/sbin``, without ``.venv``) and the Open MPI that
+    ``mpirun --prefix`` will start ``prted`` from, at this machine's prefix: there, and the
+    same version as here."""
+    from course_lib.mpi import MPIError, find_open_mpi
+
+    try:
+        mpi = find_open_mpi()
+    except MPIError:
+        return False  # check_mpi said why
+    mpirun = mpi.prefix / "bin" / "mpirun"
+    probe = subprocess.run(ssh + [f"echo PATH=$PATH; {shlex.quote(str(mpirun))} --version"],
+                           capture_output=True, text=True, timeout=timeout + 30)
+    path = next((ln[5:] for ln in probe.stdout.splitlines() if ln.startswith("PATH=")), "?")
+    version = re.search(r"\(Open MPI\) (\S+)", probe.stdout)
+    if version is None:
+        report.add("FAIL", f"Open MPI on {host}", f"no Open MPI at {mpi.prefix} there (its ssh "
+                   f"PATH: {path})", "the course's folder and .venv at the same path there: "
+                   "python -m course_lib.workshop sync, or bash scripts/setup.sh there")
+        return False
+    if version.group(1) != mpi.version:
+        report.add("FAIL", f"Open MPI on {host}", f"{version.group(1)} there, {mpi.version} here",
+                   "bash scripts/setup.sh there (the same commit of the course)")
+        return False
+    report.add("PASS", f"Open MPI on {host}", f"{mpi.version} at {mpi.prefix} (its ssh PATH: "
+               f"{path}; mpirun --prefix starts prted from there)")
+    return True
 
 
 def mpirun_failure(output: str, interface: str | None = None) -> str:

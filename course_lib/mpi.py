@@ -286,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_relaying_signals(line, relay=any("course_lib.fine_tune" in a for a in args))
 
 
-def run_relaying_signals(line: list[str], relay: bool) -> int:
-    """Run ``line`` (an ``mpirun``) in its own session, passing SIGINT, SIGTERM and SIGHUP
-    on to it: as :data:`RELAYS` when ``relay``, else as they are. Returns its exit status
-    (128 + N when a signal N ended it)."""
-    proc = subprocess.Popen(line, start_new_session=True)
+def start_relaying_signals(line: list[str], relay: bool, **popen_kw) -> subprocess.Popen:
+    """Start ``line`` (an ``mpirun``) in its own session, so that the terminal's Ctrl-C
+    reaches this process only, and pass SIGINT, SIGTERM and SIGHUP on to it: as
+    :data:`RELAYS` when ``relay`` (a fine-tune, which stops after its step and saves),
+    else as they are. ``popen_kw`` go to ``subprocess.Popen``. Main thread only."""
+    proc = subprocess.Popen(line, start_new_session=True, **popen_kw)
 
     def pass_on(signum, frame):
         try:
@@ -300,9 +301,11 @@ def run_relaying_signals(line: list[str], relay: bool) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, pass_on)
-    code = proc.wait()
+    return proc
+
+
+def run_relaying_signals(line: list[str], relay: bool) -> int:
+    """:func:`start_relaying_signals`, then its exit status (128 + N when signal N ended
+    it)."""
+    code = start_relaying_signals(line, relay).wait()
     return 128 - code if code < 0 else code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

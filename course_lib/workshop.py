@@ -36,7 +36,7 @@ from pathlib import Path
 
 from course_lib.hostfile import (Host, HostfileError, parse_mlx_json, parse_openmpi,
                                  read_hostfile, to_mlx_json, to_openmpi, total_slots)
-from course_lib.mpi import MPIError
+from course_lib.mpi import MPIError, start_relaying_signals
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HOSTFILE = REPO / "runs" / "workshop" / "hostfile"
@@ -583,8 +583,10 @@ def cmd_run(hosts, hostfile, args, interface, env, dry_run) -> int:
     if dry_run:
         return 0
     tail: deque[str] = deque(maxlen=400)  # mpirun's own messages come at the end
-    with subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    # Ctrl-C stops every rank after its step, with a checkpoint (course_lib.mpi).
+    with start_relaying_signals(cmd, relay=True, cwd=REPO, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -600,11 +602,14 @@ def cmd_run(hosts, hostfile, args, interface, env, dry_run) -> int:
               "\n  to see which host is the problem: python -m course_lib.workshop check"
               + (f" --interface {interface}" if interface else ""), file=sys.stderr)
         return proc.returncode
+    again = shlex.join(["python", "-m", "course_lib.workshop", "run", "--", "--resume",
+                        *[a for a in args if a != "--resume"]])
+    if "Stopped by SIG" in text:  # Ctrl-C or SIGTERM: every rank stopped and saved
+        print(f"\nrun: stopped; continue from the checkpoint: {again}", file=sys.stderr)
+        return proc.returncode
     found = who_failed("".join(tail), hosts)
     others = [h for h in hosts if found is None or h.name != found[0]]
     left = found[0] if found and found[0] else "a laptop"
-    again = shlex.join(["python", "-m", "course_lib.workshop", "run", "--", "--resume",
-                        *[a for a in args if a != "--resume"]])
     if len(hosts) == 1 or (found and found[0] == hosts[0].name):
         found = found or (hosts[0].name, "the fine-tune failed")
         print(f"\nrun: exited {proc.returncode}: {found[1]} (this machine): its messages "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ from conftest import PY, REPO, fine_tune_cmd, json_objects, read_train_losses, r
 
 from course_lib import lab as labmod
 from course_lib.lab import ADDRESSES, HOSTNAMES, HOSTS, SHAPES, Lab, LabError
+from course_lib.mpi import find_open_mpi
 
 REASON = labmod.unavailable_reason()
 needs_lab = pytest.mark.skipif(REASON is not None, reason=str(REASON))
@@ -98,6 +100,17 @@ def test_fine_tune_across_two_hosts_over_ssh(tiny_model, scratch, tmp_path):
         assert lab.run("b", *lab.ssh_command("a", "hostname")).stdout.strip() == HOSTNAMES["a"]
         assert Path(lab.hostfile).read_text().splitlines()[-2:] == [
             f"{ADDRESSES['a']} slots=1", f"{ADDRESSES['b']} slots=1"]
+
+        # The doctor on host a with the lab's hostfile: over ssh, the Open MPI that mpirun
+        # --prefix starts prted from is there on each host, found whatever the login PATH.
+        doc = run(lab.host_command("a", PY, "-m", "course_lib.doctor", "--hostfile",
+                                   lab.hostfile, cwd=REPO), env=lab.env(), check=False)
+        mpi = find_open_mpi()
+        for host in HOSTS:
+            assert re.search(rf"^PASS  Open MPI on {re.escape(ADDRESSES[host])}: "
+                             rf"{re.escape(mpi.version)} at {re.escape(str(mpi.prefix))} "
+                             r"\(its ssh PATH: \S+; mpirun --prefix starts prted from there\)$",
+                             doc.stdout, re.M), doc.stdout
 
         solo = tmp_path / "solo"
         run(fine_tune_cmd(*FT_ARGS, "--adapter-path", solo), timeout=300)

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from conftest import PY, REPO, read_train_losses, run
 
 import course_lib
-from course_lib import doctor, lab as labmod
+from course_lib import checkpoint, doctor, lab as labmod
 from course_lib.hostfile import Host, read_hostfile
 from course_lib.lab import Lab
 from course_lib.mpi import MPIError, find_open_mpi
@@ -201,6 +202,12 @@ def classroom():
     assert lab.leftovers() == []
 
 
+def _records(folder: Path) -> list[dict]:
+    from course_lib.plotting import read_metrics_so_far
+
+    return read_metrics_so_far(folder / "metrics.jsonl")
+
+
 def _row(output: str, host: str) -> str:
     return next(line for line in output.splitlines() if line.startswith(host + " "))
 
@@ -261,6 +268,26 @@ def test_from_a_list_of_hosts_to_a_two_host_run(classroom, tiny_model):
     assert (summary["world_size"], summary["backend"]) == (2, "mpi")
     volume = summary["iterations"] * summary["trainable_parameters"] * 4
     assert lab.counters("a")["tx_bytes"] - before["tx_bytes"] >= volume
+
+    # Ctrl-C to the workshop's run: it reaches run only (mpirun has a session of its own),
+    # which relays it through mpirun; every rank stops after the same step, rank 0 saves it.
+    stopped = room.folder / "stopped"
+    cmd = lab.host_command("a", *WS, "--hostfile", room.hostfile, "run", "--", *FT,
+                           "--iters", "400", "--adapter-path", stopped, cwd=REPO)
+    proc = subprocess.Popen([str(c) for c in cmd], env=lab.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not [r for r in _records(stopped) if r["split"] == "train" and r["iteration"] >= 3]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("Stopped by SIGINT on "))
+    step = int(line.split("after step ")[1].split()[0])
+    assert step < 400 and checkpoint.latest(stopped) == step
+    assert "run: stopped; continue from the checkpoint: python -m course_lib.workshop run -- " \
+        "--resume --model tiny" in stderr
 
     # A laptop leaves mid-run (its rank is killed at step 4): run names it and says how to
     # go on; the others continue from the checkpoint of step 2 and finish the same curve.
