@@ -34,6 +34,11 @@ def env_for(ranks: int) -> dict:
     return env
 
 
+# Taken when a benchmark script imports this module, i.e. as it starts (machine() is called
+# when the results are saved, at the end, when the benchmark's own load shows).
+LOAD_AVERAGE_AT_START = os.getloadavg()
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     import mlx.core as mx
@@ -43,7 +48,7 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "mlx": mx.__version__,
             "mlx_lm": mlx_lm.__version__, "blas": blas.report(),
-            "load_average_at_start": os.getloadavg()}
+            "load_average_at_start": LOAD_AVERAGE_AT_START}
 
 
 def launch(ranks: int, cmd: list, launcher: str = "mpirun") -> list:

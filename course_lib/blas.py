@@ -229,7 +229,7 @@ def install_kernel(venv: str) -> Path:
     environment's Open MPI (:mod:`course_lib.mpi`), so MLX in a notebook finds MPI as it does
     under ``mpirun``. Returns the kernel folder.
     """
-    from course_lib.mpi import environment_mpirun, find_libmpi
+    from course_lib.mpi import find_libmpi
 
     folder = Path(venv) / "share" / "jupyter" / "kernels" / "course-mlx"
     folder.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ def install_kernel(venv: str) -> Path:
     lib = preload_path()
     if lib:
         env.update({"LD_PRELOAD": lib, _ACTIVE_VAR: lib})
-    libmpi = find_libmpi(environment_mpirun().parent.parent)
+    libmpi = find_libmpi(Path(venv).absolute())
     if libmpi:
         env["MLX_MPI_LIBNAME"] = str(libmpi)
     if env:

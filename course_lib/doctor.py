@@ -258,7 +258,7 @@ def check_remote_mpi(report: Report, host: str, ssh: list[str], timeout: float =
     (on a Mac ``/usr/bin:/bin:/usr/sbin:/sbin``, without ``.venv``) and the Open MPI that
     ``mpirun --prefix`` will start ``prted`` from, at this machine's prefix: there, and the
     same version as here."""
-    from course_lib.mpi import MPIError, find_open_mpi
+    from course_lib.mpi import MPIError, find_open_mpi, open_mpi_version
 
     try:
         mpi = find_open_mpi()
@@ -268,14 +268,14 @@ def check_remote_mpi(report: Report, host: str, ssh: list[str], timeout: float =
     probe = subprocess.run(ssh + [f"echo PATH=$PATH; {shlex.quote(str(mpirun))} --version"],
                            capture_output=True, text=True, timeout=timeout + 30)
     path = next((ln[5:] for ln in probe.stdout.splitlines() if ln.startswith("PATH=")), "?")
-    version = re.search(r"\(Open MPI\) (\S+)", probe.stdout)
+    version = open_mpi_version(probe.stdout)
     if version is None:
         report.add("FAIL", f"Open MPI on {host}", f"no Open MPI at {mpi.prefix} there (its ssh "
                    f"PATH: {path})", "the course's folder and .venv at the same path there: "
                    "python -m course_lib.workshop sync, or bash scripts/setup.sh there")
         return False
-    if version.group(1) != mpi.version:
-        report.add("FAIL", f"Open MPI on {host}", f"{version.group(1)} there, {mpi.version} here",
+    if version != mpi.version:
+        report.add("FAIL", f"Open MPI on {host}", f"{version} there, {mpi.version} here",
                    "bash scripts/setup.sh there (the same commit of the course)")
         return False
     report.add("PASS", f"Open MPI on {host}", f"{mpi.version} at {mpi.prefix} (its ssh PATH: "
@@ -283,19 +283,19 @@ def check_remote_mpi(report: Report, host: str, ssh: list[str], timeout: float =
     return True
 
 
-def mpirun_failure(output: str, interface: str | None = None) -> str:
-    """One line saying why an ``mpirun`` failed, from its ``output`` (stdout and stderr:
-    Open MPI prints a remote daemon's banner on stdout); ``interface`` is what was passed
-    to ``btl_tcp_if_include``/``oob_tcp_if_include``, which Open MPI 5 does not repeat.
+def startup_failure(output: str, interface: str | None = None) -> str | None:
+    """One line saying why ``mpirun`` could not start the ranks, read from its ``output``
+    (stdout and stderr: Open MPI prints a remote daemon's banner on stdout), or None when
+    the output shows no such failure. ``interface`` is what was passed to
+    ``btl_tcp_if_include``/``oob_tcp_if_include``, which Open MPI 5 does not repeat.
 
     Open MPI 5's banners (PRRTE's ``help-oob-tcp.txt``, ``help-plm-base.txt``) for no
     usable out-of-band interface (a name that is not there, or a loopback one while the
     host has another network: exit status 213) and for a daemon (``prted``) that did not
     report back (its exit status 255: ssh failed; 127: no ``prted`` at that path there;
-    213: no usable network there) are read into a sentence; so are Open MPI 4.1's (a wrong
-    interface, a TCP connection that could not be made, ``orted`` that did not start), for
-    a ``$COURSE_MPIRUN`` of 4.1. Otherwise a rank's Python error, or the last line that is
-    not a banner rule."""
+    213: no usable network there); and Open MPI 4.1's (a wrong interface, a TCP connection
+    that could not be made, ``orted`` that did not start), for a ``$COURSE_MPIRUN`` of 4.1.
+    """
     output = output.replace("\0", "")  # some of Open MPI 5's banners end in a NUL byte
     text = " ".join(output.split())
     if "No network interfaces were found for out-of-band communications" in text:
@@ -313,21 +313,7 @@ def mpirun_failure(output: str, interface: str | None = None) -> str:
     m = re.search(r"A daemon failed to report back after being spawned\..*?"
                   r"Remote host: (\S+) Daemon exit status: (\d+)", text)
     if m:
-        host, status = m.group(1), int(m.group(2))
-        ssh_said = re.findall(r"^(ssh: .*?)\s*$", output, re.M)
-        if status == 255:
-            return (f"Open MPI could not start its daemon (prted) on {host}: ssh failed"
-                    + (f" ({ssh_said[-1]})" if ssh_said else "")
-                    + f"; check that `ssh {host} true` works without a password")
-        if status == 127:
-            return (f"Open MPI's daemon (prted) is not on {host} at the path it has here: "
-                    "the course must be at the same path, set up, on every host")
-        if status == 213:
-            return (f"Open MPI's daemon (prted) on {host} found no network interface"
-                    + (f" matching {interface}" if interface else "")
-                    + " for its out-of-band communication")
-        return (f"Open MPI's daemon (prted) on {host} did not report back (exit status "
-                f"{status}): a firewall, or an interface that does not reach it")
+        return _daemon_failure(m.group(1), int(m.group(2)), output, interface)
     # Open MPI 4.1 (orte/mca/oob/tcp/help-oob-tcp.txt, orte/mca/plm/base/help-plm-base.txt)
     m = re.search(r"None of the TCP networks specified to be included for out-of-band "
                   r"communications could be found: Value given: (\S+)", text)
@@ -340,6 +326,36 @@ def mpirun_failure(output: str, interface: str | None = None) -> str:
                 "(a firewall, or an interface that does not reach it)")
     if "ORTE was unable to reliably start one or more daemons" in text:
         return "Open MPI could not start its daemon (orted) on a remote host"
+    return None
+
+
+def _daemon_failure(host: str, status: int, output: str, interface: str | None) -> str:
+    """Open MPI 5's "A daemon failed to report back" on ``host``, by the daemon's exit
+    ``status``, as one line."""
+    if status == 255:
+        ssh_said = re.findall(r"^(ssh: .*?)\s*$", output, re.M)
+        return (f"Open MPI could not start its daemon (prted) on {host}: ssh failed"
+                + (f" ({ssh_said[-1]})" if ssh_said else "")
+                + f"; check that `ssh {host} true` works without a password")
+    if status == 127:
+        return (f"Open MPI's daemon (prted) is not on {host} at the path it has here: "
+                "the course must be at the same path, set up, on every host")
+    if status == 213:
+        return (f"Open MPI's daemon (prted) on {host} found no network interface"
+                + (f" matching {interface}" if interface else "")
+                + " for its out-of-band communication")
+    return (f"Open MPI's daemon (prted) on {host} did not report back (exit status "
+            f"{status}): a firewall, or an interface that does not reach it")
+
+
+def mpirun_failure(output: str, interface: str | None = None) -> str:
+    """One line saying why an ``mpirun`` failed, from its ``output``: a start-up failure
+    (:func:`startup_failure`), else a rank's Python error, else the last line that is not
+    a banner rule."""
+    found = startup_failure(output, interface)
+    if found:
+        return found
+    output = output.replace("\0", "")
     errors = re.findall(r"^\s*([\w.]+(?:Error|Exception)\b.*)$", output, re.M)
     if errors:  # a rank's Python traceback: its last line says what went wrong
         return errors[-1].strip()

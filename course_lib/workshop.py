@@ -565,14 +565,6 @@ def who_failed(output: str, hosts: list[Host]) -> tuple[str | None, str] | None:
     return None
 
 
-# Open MPI's banners for ranks that never started (5.x, then 4.1): a network or a daemon
-# problem, not a laptop that left.
-STARTUP_FAILURES = ("No network interfaces were found for out-of-band communications",
-                    "A daemon failed to report back after being spawned",
-                    "None of the TCP networks specified to be included for out-of-band",
-                    "ORTE was unable to reliably start one or more daemons")
-
-
 def cmd_run(hosts, hostfile, args, interface, env, dry_run) -> int:
     from collections import deque
 
@@ -584,44 +576,59 @@ def cmd_run(hosts, hostfile, args, interface, env, dry_run) -> int:
         return 0
     tail: deque[str] = deque(maxlen=400)  # mpirun's own messages come at the end
     # Ctrl-C stops every rank after its step, with a checkpoint (course_lib.mpi).
-    with start_relaying_signals(cmd, relay=True, cwd=REPO, env=child_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            tail.append(line)
-    if proc.returncode == 0:
-        return 0
-    text = " ".join("".join(tail).replace("\0", "").split())
-    if any(banner in text for banner in STARTUP_FAILURES):
-        from course_lib.doctor import mpirun_failure
+    proc, relay = start_relaying_signals(cmd, relay=True, cwd=REPO, env=child_env(),
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, bufsize=1)
+    try:
+        with proc:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                tail.append(line)
+    finally:
+        relay.close()
+    if proc.returncode != 0:
+        explain_failure(proc.returncode, "".join(tail), hosts, args, interface,
+                        signalled=bool(relay.received))
+    return proc.returncode
 
-        why = mpirun_failure("".join(tail), interface or choose_network(hosts))
-        print(f"\nrun: mpirun exited {proc.returncode} before the fine-tune started: {why}."
+
+def explain_failure(code: int, output: str, hosts: list[Host], args: list[str],
+                    interface: str | None, signalled: bool) -> None:
+    """Print, on stderr, why ``run``'s ``mpirun`` ended with ``code`` and what to do next,
+    read from its ``output``: ranks that never started (a network or a daemon problem), a
+    stop you asked for (``signalled``: Ctrl-C or SIGTERM), or a rank that died (which host,
+    how to go on without it)."""
+    from course_lib.doctor import startup_failure
+
+    why = startup_failure(output, interface or choose_network(hosts))
+    if why:
+        print(f"\nrun: mpirun exited {code} before the fine-tune started: {why}."
               "\n  to see which host is the problem: python -m course_lib.workshop check"
               + (f" --interface {interface}" if interface else ""), file=sys.stderr)
-        return proc.returncode
+        return
     again = shlex.join(["python", "-m", "course_lib.workshop", "run", "--", "--resume",
                         *[a for a in args if a != "--resume"]])
-    if "Stopped by SIG" in text:  # Ctrl-C or SIGTERM: every rank stopped and saved
+    if "Stopped by SIG" in output:  # Ctrl-C or SIGTERM: every rank stopped and saved
         print(f"\nrun: stopped; continue from the checkpoint: {again}", file=sys.stderr)
-        return proc.returncode
-    found = who_failed("".join(tail), hosts)
+        return
+    if signalled:
+        print("\nrun: stopped before the fine-tune saved a checkpoint", file=sys.stderr)
+        return
+    found = who_failed(output, hosts)
     others = [h for h in hosts if found is None or h.name != found[0]]
     left = found[0] if found and found[0] else "a laptop"
     if len(hosts) == 1 or (found and found[0] == hosts[0].name):
         found = found or (hosts[0].name, "the fine-tune failed")
-        print(f"\nrun: exited {proc.returncode}: {found[1]} (this machine): its messages "
-              "are above", file=sys.stderr)
-        return proc.returncode
-    print(f"\nrun: mpirun exited {proc.returncode}"
+        print(f"\nrun: exited {code}: {found[1]} (this machine): its messages are above",
+              file=sys.stderr)
+        return
+    print(f"\nrun: mpirun exited {code}"
           + (f": {found[1]}." if found else ".")
           + "\n  to see which host is the problem: python -m course_lib.workshop check"
           + f"\n  if {left} left, list the others: python -m course_lib.workshop hosts "
           + " ".join(f"{h.name}:{h.slots}" for h in others)
           + f"\n  then continue from the last checkpoint: {again}", file=sys.stderr)
-    return proc.returncode
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -28,8 +28,11 @@ say "copying the checkout to $lane/main (tracked and untracked files, as git lis
 rm -rf "$lane"
 mkdir -p "$lane/main" "$lane/shared/tools" "$lane/tmp"
 (cd "$repo" && git ls-files -z --cached --others --exclude-standard |
-    rsync -a --from0 --files-from=- ./ "$lane/main/")
+    rsync -a --from0 --ignore-missing-args --files-from=- ./ "$lane/main/")
 cp "$bash32" "$lane/shared/tools/bash-3.2"
+# `bash` is bash 3.2 for the user, as on a Mac (scripts call each other as `bash x.sh`).
+mkdir -p "$lane/bin"
+ln -sf "$lane/shared/tools/bash-3.2" "$lane/bin/bash"
 cache="${COURSE_LIB_CACHE:-$HOME/.cache/course_lib}"
 if [ -d "$cache" ]; then
     mkdir -p "$home/.cache"
@@ -37,11 +40,17 @@ if [ -d "$cache" ]; then
     cp -a "$cache" "$home/.cache/course_lib"
 fi
 chown -R "$user:" "$lane" "$home/.cache" 2>/dev/null || chown -R "$user:" "$lane"
+# What the package clients need from root's environment (a mirror, a proxy), nothing else.
+passed=()
+for name in $(env | sed -n 's/^\(PIP_[A-Z_]*\|[a-z]*_proxy\|[A-Z]*_PROXY\)=.*/\1/p'); do
+    passed+=("$name=${!name}")
+done
 
 say "as $user: bash 3.2 runs scripts/test.sh (set-up with $python, then pytest) on the 2-rank tests and tests/test_scripts.py"
 cd "$lane/main"
 exec runuser -u "$user" -- env -i HOME="$home" USER="$user" LANG=C.UTF-8 \
-    PATH=/usr/bin:/bin:/usr/sbin:/sbin PYTHON="$python" TMPDIR="$lane/tmp" \
+    PATH="$lane/bin:/usr/bin:/bin:/usr/sbin:/sbin" PYTHON="$python" TMPDIR="$lane/tmp" \
+    ${passed[@]+"${passed[@]}"} \
     COURSE_TEST_BASH="$lane/shared/tools/bash-3.2" \
     "$lane/shared/tools/bash-3.2" scripts/test.sh -p no:cacheprovider \
     -m "distributed or mac_conditions" tests/ "$@"

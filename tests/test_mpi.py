@@ -1,7 +1,10 @@
 """course_lib.mpi: which Open MPI, the flags rule, MLX pointed at its libmpi."""
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ def test_flags_rule():
     five = _open_mpi()
     assert mpi.mpirun_flags(4, five, is_root=True, cores=2) == [
         "--allow-run-as-root", "--oversubscribe", "-x", "MLX_MPI_LIBNAME=/venv/lib/libmpi.so.40"]
-    # Not root, no more ranks than cores: the flags a Mac user gets (bash 3.2's empty array).
+    # Not root, no more ranks than cores: the flags a Mac user gets (none).
     assert mpi.mpirun_flags(2, _open_mpi(libmpi=None), is_root=False, cores=8) == []
     # Across hosts: prted found through --prefix, never --oversubscribe.
     assert mpi.mpirun_flags(4, five, remote=True, is_root=False, cores=2) == [
@@ -109,3 +112,67 @@ def test_the_cli_shows_the_line_it_would_run():
                                    "hostname"]
     bad = run([PY, "-m", "course_lib.mpi", "hostname"], check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: usage: python -m course_lib.mpi")
+
+
+def test_mpirun_options_and_the_command_are_told_apart():
+    split = mpi.split_mpirun_args
+    assert split(["-np", "2", "--hostfile=hf", "--mca", "btl", "tcp,self", "--oversubscribe",
+                  "python", "x.py", "--host", "y"]) == (
+        {"-np": "2", "--hostfile": "hf", "--mca": "btl", "--oversubscribe": ""},
+        ["python", "x.py", "--host", "y"])
+    with pytest.raises(mpi.MPIError, match="mpirun option -np needs a value"):
+        split(["-np"])
+
+
+def _start_ranks(program: str, *extra) -> subprocess.Popen:
+    """``python -m course_lib.mpi -np 2 python -c PROGRAM EXTRA``, once both ranks said
+    they are ready (they print a line)."""
+    proc = subprocess.Popen([PY, "-m", "course_lib.mpi", "-np", "2", PY, "-c", program, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=launch.child_env())
+    ready = [proc.stdout.readline() for _ in range(2)]
+    assert ready == ["ready\n"] * 2, ready
+    return proc
+
+
+WAITS = ("import signal, sys, time\n{setup}\nprint('ready', flush=True)\n"
+         "for _ in range(600):\n    time.sleep(0.1)\n")
+
+
+def _ends_within(proc: subprocess.Popen, seconds: float) -> float:
+    tic = time.monotonic()
+    proc.wait(timeout=seconds)
+    return time.monotonic() - tic
+
+
+@pytest.mark.distributed
+@needs_wheel
+def test_ctrl_c_reaches_another_command_as_it_came():
+    proc = _start_ranks(WAITS.format(setup=""))
+    proc.send_signal(signal.SIGINT)
+    assert _ends_within(proc, 10) < 5 and proc.returncode != 0
+
+
+@pytest.mark.distributed
+@needs_wheel
+def test_a_fine_tune_gets_ctrl_c_relayed_then_the_third_ends_it():
+    """For a fine-tune (its module named in the command) the first two Ctrl-C go to the
+    ranks as SIGUSR1 through mpirun; ranks that cannot act on them (here: they ignore it,
+    as one still starting would not see it) end with the third, or by themselves 5 s after
+    the second."""
+    program = WAITS.format(setup="signal.signal(signal.SIGUSR1, lambda *_: print('USR1', "
+                                 "flush=True))")
+    proc = _start_ranks(program, "course_lib.fine_tune")
+    proc.send_signal(signal.SIGINT)
+    assert [proc.stdout.readline() for _ in range(2)] == ["USR1\n"] * 2  # both ranks
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # still running: the relayed signal ends nothing
+    proc.send_signal(signal.SIGINT)
+    assert _ends_within(proc, 10) < 5 and proc.returncode != 0
+
+    proc = _start_ranks(program, "course_lib.fine_tune")
+    proc.send_signal(signal.SIGINT)
+    assert [proc.stdout.readline() for _ in range(2)] == ["USR1\n"] * 2
+    proc.send_signal(signal.SIGINT)  # (two signals sent at once could arrive as one)
+    assert mpi.ESCALATE_SECONDS - 1 < _ends_within(proc, 20) < mpi.ESCALATE_SECONDS + 5

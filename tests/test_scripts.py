@@ -43,8 +43,9 @@ def test_every_script_parses_under_bash_3_2(script):
 @needs_bash32
 @pytest.mark.distributed
 def test_mpirun_sh_under_bash_3_2_gives_the_one_rank_curve(tmp_path, tiny_model):
-    """scripts/mpirun.sh as a Mac runs it: the course's first 2-rank step. bash 3.2 called
-    the empty flag array of a user who is not root 'unbound' under set -u."""
+    """scripts/mpirun.sh as a Mac runs it: the course's first 2-rank step, where a Mac
+    user's quick start used to stop (bash 3.2 called the script's empty flag array
+    'unbound' under set -u; the flags are now course_lib.mpi's)."""
     run(fine_tune_cmd(*SHORT, "--adapter-path", tmp_path / "solo"))
     run([BASH32, REPO / "scripts" / "mpirun.sh", "-np", "2",
          *fine_tune_cmd(*SHORT, "--adapter-path", tmp_path / "duo")])

@@ -19,9 +19,9 @@ from course_lib.data import DataError
 from course_lib.fine_tune.faults import peer_lost_message
 from course_lib.fine_tune.inputs import add_adapters, load_data, load_model, load_resume_weights
 from course_lib.fine_tune.interrupts import (Interrupted, StopAgreement, StoppedByRankZero,
-                                             relayed_ctrl_c_interrupts,
                                              resume_command)
 from course_lib.fine_tune.loop import train
+from course_lib.mpi import handle_relayed_signals
 from course_lib.fine_tune.options import (DEFAULT_DATA, UsageError, apply_recipe, build_parser,
                                           check_options)
 from course_lib.fine_tune.outputs import Outputs
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     5 an output could not be written; 128 + N stopped by signal N (130 Ctrl-C, 143
     SIGTERM). Each with one clear line (on rank 0 for 5 and 128 + N)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    relayed_ctrl_c_interrupts()
+    handle_relayed_signals()
     args = build_parser().parse_args(argv)
     folder = Path(args.adapter_path)
     try:

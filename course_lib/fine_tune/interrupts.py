@@ -8,9 +8,10 @@ every rank SIGCONT, SIGTERM 0.25 s later and SIGKILL soon after (measured: the r
 gone 0.5 s after the signal, too soon to finish a step; 4.1 waited 1 s, then 1 s more),
 so ``python -m course_lib.mpi`` (``scripts/mpirun.sh``) keeps the terminal's signals
 from ``mpirun`` and relays them as SIGUSR1 (for SIGINT) and SIGUSR2 (for SIGTERM), which
-``mpirun`` forwards to every rank, on every host, and nothing more (:data:`RELAYED`). So a signal only sets a flag, and at the end
-of every step the ranks all-reduce their flags (:meth:`StopAgreement.agree`: one
-``all_max`` of ``world size + 1`` integers: measured 28 us under MPI and 2 ms under the
+``mpirun`` forwards to every rank, on every host, and nothing more (:data:`RELAYED`).
+
+So a signal only sets a flag, and at the end of every step the ranks all-reduce their
+flags (:meth:`StopAgreement.agree`: one ``all_max`` of ``world size + 1`` integers: measured 28 us under MPI and 2 ms under the
 ring backend on the course's 2-core machine, against ~260 ms for a step of the tiny model) and
 all stop after the same step when any flag is set: rank 0 then saves that step as a
 checkpoint and prints the command that continues.
@@ -34,17 +35,11 @@ import time
 
 import mlx.core as mx
 
+from course_lib.mpi import RELAYS
+
 # What a relayed signal stands for (course_lib.mpi.RELAYS is the other side).
-RELAYED = {signal.SIGUSR1: signal.SIGINT, signal.SIGUSR2: signal.SIGTERM}
+RELAYED = {relayed: original for original, relayed in RELAYS.items()}
 SIGNALS = (signal.SIGINT, signal.SIGTERM, *RELAYED)
-
-
-def relayed_ctrl_c_interrupts() -> None:
-    """Before training: a relayed Ctrl-C (SIGUSR1) raises ``KeyboardInterrupt`` as SIGINT
-    does, and a relayed SIGTERM (SIGUSR2) ends the process as SIGTERM does (143)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, signal.default_int_handler)
-        signal.signal(signal.SIGUSR2, lambda *_: os._exit(128 + signal.SIGTERM))
 GRACE_SECONDS = 30.0  # at most; see StopAgreement.grace_seconds
 
 
@@ -217,8 +212,9 @@ class StopAgreement:
 def resume_command(argv: list[str], world_size: int, backend: str, resume: bool = True) -> str:
     """The command line that continues this run from its newest checkpoint: the same
     options with ``--resume`` (and without ``--resume-adapter-file``), under the launcher
-    the run used (``mpirun -np N``, or ``mlx.launch -n N`` for the ring ``backend``; add
-    the hostfile you gave). ``resume=False``: the same, starting afresh."""
+    the run used (``python -m course_lib.mpi -np N``, what ``scripts/mpirun.sh`` runs: the
+    course's Open MPI, with Ctrl-C relayed; or ``mlx.launch -n N`` for the ring
+    ``backend``; add the hostfile you gave). ``resume=False``: the same, starting afresh."""
     args, skip = [], False
     for a in argv:
         if skip:
@@ -230,6 +226,6 @@ def resume_command(argv: list[str], world_size: int, backend: str, resume: bool 
     cmd = ["python", "-m", "course_lib.fine_tune", *args, *(["--resume"] if resume else [])]
     if world_size > 1:
         launcher = (["mlx.launch", "-n", str(world_size), "--"] if backend == "ring" else
-                    ["mpirun", "-np", str(world_size)])
+                    ["python", "-m", "course_lib.mpi", "-np", str(world_size)])
         cmd = launcher + cmd
     return shlex.join(cmd)
