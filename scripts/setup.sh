@@ -90,8 +90,8 @@ cuda_build() {
 }
 
 # A Mac's Python must be >= 3.10 and native arm64 (an x86-64 one runs under Rosetta, where
-# MLX has no wheel); macOS itself must be >= 14. The first python3 found that fits wins:
-# $PYTHON, python3 on PATH, python3.13..3.10, Homebrew's and python.org's.
+# MLX has no wheel); macOS itself must be >= 14. The first Python found that fits wins:
+# $PYTHON, python3.13..3.10 on PATH, Homebrew's, python.org's, then python3.
 mac_python() {
     local v major
     v="$(sw_vers -productVersion 2>/dev/null || echo 0)"
