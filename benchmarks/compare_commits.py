@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import PY, REPO, env_for, median, save, table
 
+from course_lib import metrics
+
 
 def fine_tune(tree: Path, iters: int, out: Path, extra: list) -> dict:
     """One run from source tree ``tree``: scored tokens/s of steps 2.., the first losses,
@@ -40,8 +42,7 @@ def fine_tune(tree: Path, iters: int, out: Path, extra: list) -> dict:
                           text=True)
     if proc.returncode != 0:
         raise SystemExit(f"fine-tune from {tree} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in steps if m["split"] == "train"]
+    steps = [m for m in metrics.read(out) if m["split"] == "train"]
     seconds = sum(m["seconds"] for m in steps[1:])
     summary = json.loads((out / "summary.json").read_text())
     return {"tokens_per_second": sum(m["tokens"] for m in steps[1:]) / seconds,

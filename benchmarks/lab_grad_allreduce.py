@@ -29,15 +29,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from course_lib import distributed as dist
-from course_lib.fine_tune import add_adapters, apply_recipe, build_parser, load_model
+from course_lib.fine_tune import add_adapters, load_model, parse
 
 
 def gradient_tree(lora_rank: int):
     """Zeros shaped like the trainable (LoRA) parameters of the default model."""
-    args = build_parser().parse_args(["--model", "tiny", "--lora-rank", str(lora_rank)])
-    apply_recipe(args)
-    model, _, _ = load_model(args.model)
-    add_adapters(model, args)
+    plan = parse(["--model", "tiny", "--lora-rank", str(lora_rank)])
+    model, _, _ = load_model(plan.model)
+    add_adapters(model, plan)
     return tree_map(mx.zeros_like, model.trainable_parameters())
 
 

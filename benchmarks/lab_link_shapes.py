@@ -22,7 +22,7 @@ ethernet-1g, wifi):
    blocks: a change in load then hits every shape alike. The pair (1 rank, 2 ranks) is
    repeated three times; the table gives the median over the repeats of each run's median.
 
-Then the cost model (``course_lib.lab.predicted_step_seconds``) is evaluated with the
+Then the cost model (``course_lib.traffic.predicted_step_seconds``) is evaluated with the
 1-rank compute time, each shape's nominal bandwidth and the lab's measured per-message
 latency (this kernel has no netem, so the shapes' own latencies are not emulated), and
 compared with the measured steps.
@@ -45,8 +45,10 @@ from pathlib import Path
 from common import save  # benchmarks/common.py
 
 from course_lib import lab as labmod
-from course_lib.lab import SHAPES, Lab, predicted_step_seconds, ring_all_reduce_seconds
-from course_lib.plotting import read_metrics_so_far
+from course_lib import metrics
+from course_lib.lab import SHAPES, Lab
+from course_lib.lab_experiments import run_shape_blocks
+from course_lib.traffic import predicted_step_seconds, ring_all_reduce_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "lab_link_shapes.json"
@@ -145,7 +147,7 @@ def fine_tune_args(folder: Path, iters: int, extra: list[str]) -> list[str]:
 
 
 def train_records(folder: Path) -> dict[int, dict]:
-    return {r["iteration"]: r for r in read_metrics_so_far(folder / "metrics.jsonl")
+    return {r["iteration"]: r for r in metrics.read(folder, missing_ok=True)
             if r["split"] == "train"}
 
 
@@ -187,14 +189,14 @@ def solo_run(lab: Lab, config: str, iters: int) -> list[dict]:
 
 def toggled_run(lab: Lab, config: str, block: int, cycles: int) -> tuple[dict, dict, dict]:
     """One 2-rank mpirun fine-tune whose link cycles through SHAPE_ORDER every ``block``
-    steps, ``cycles`` times (``Lab.run_shape_blocks``). Returns ``(records per shape,
+    steps, ``cycles`` times (``run_shape_blocks``). Returns ``(records per shape,
     counters delta on host a, summary)``."""
     folder = SCRATCH / f"{config}-duo"
     iters = 1 + block * cycles * len(SHAPE_ORDER)
     cmd = lab.mpirun_command(2, *fine_tune_args(folder, iters, CONFIGS[config]))
     before = lab.counters("a")
-    by_shape = lab.run_shape_blocks(cmd, folder / "metrics.jsonl", SHAPE_ORDER, block, cycles,
-                                    timeout=900)
+    by_shape = run_shape_blocks(lab, cmd, folder / "metrics.jsonl", SHAPE_ORDER, block, cycles,
+                                timeout=900)
     after = lab.counters("a")
     summary = json.loads((folder / "summary.json").read_text())
     return by_shape, {k: after[k] - before[k] for k in after}, summary

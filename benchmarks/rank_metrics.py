@@ -28,6 +28,8 @@ from pathlib import Path
 
 from common import PY, launch, run, save, table
 
+from course_lib import metrics
+
 MODES = {"--no-rank-timing": (False, False), "--rank-timing (default)": (True, False),
          "--step-timing": (True, True)}
 
@@ -37,8 +39,7 @@ def gather_cost(folder: Path, iters: int, launcher: str) -> dict:
                    "--iters", iters, "--steps-per-report", 1, "--steps-per-eval", 10**6,
                    "--val-batches", 1, "--save-every", 10**6, "--adapter-path", folder],
                launcher=launcher))
-    train = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-             if r["split"] == "train"][1:]  # the first report: warm-up
+    train = [r for r in metrics.read(folder) if r["split"] == "train"][1:]  # the first report: warm-up
     seconds = sorted(r["gather_seconds"] for r in train)
     return {"reports": len(seconds), "median_s": statistics.median(seconds),
             "p90_s": seconds[int(0.9 * (len(seconds) - 1))], "max_s": seconds[-1],
@@ -51,28 +52,30 @@ def worker(rounds: int, per_mode: int) -> None:
     import mlx.optimizers as optim
 
     from course_lib import distributed as dist
-    from course_lib.fine_tune import (DEFAULT_DATA, add_adapters, apply_recipe, build_parser,
-                                      load_data, load_model)
+    from course_lib.fine_tune import (DEFAULT_DATA, PhaseTimer, add_adapters, load_data,
+                                      load_model, make_step, parse)
     from course_lib.fine_tune.batches import GlobalBatches
-    from course_lib.fine_tune.step import PhaseTimer, make_step, pad_multiple, training_loss
+    from course_lib.fine_tune.loss import loss_function
+    from course_lib.fine_tune.sharding import Sharding
 
     group, backend = dist.init_world()
     rank, size = group.rank(), group.size()
-    args = build_parser().parse_args(["--model", "tiny"])
-    apply_recipe(args)
-    model, tokenizer, _ = load_model(args.model)
-    train_rows, _ = load_data(DEFAULT_DATA, tokenizer, args)
-    add_adapters(model, args)
-    optimizer = optim.Adam(learning_rate=args.learning_rate)
+    plan = parse(["--model", "tiny"], size, backend, rank)
+    model, tokenizer, _ = load_model(plan.model)
+    train_rows, _ = load_data(DEFAULT_DATA, tokenizer, plan)
+    add_adapters(model, plan)
+    optimizer = optim.Adam(learning_rate=plan.learning_rate)
     optimizer.init(model.trainable_parameters())
     timers = {m: PhaseTimer(enabled, barrier=barrier) for m, (enabled, barrier) in MODES.items()}
-    _, loss_fn = training_loss(args, model)
-    steps = {m: make_step(model, optimizer, args, group, t, loss_fn) for m, t in timers.items()}
-    batches = GlobalBatches(train_rows, args.batch_size, args.seed)
+    _, loss_fn = loss_function(plan.loss, model)
+    sharding = Sharding("none", group)
+    steps = {m: make_step(model, optimizer, plan, sharding, loss_fn, t)
+             for m, t in timers.items()}
+    batches = GlobalBatches(train_rows, plan.batch_size, plan.seed)
     state = [model.state, optimizer.state]
     times = {m: [] for m in MODES}
     for r in range(rounds + 1):  # round 0: warm-up
-        micro = [batches.next(rank, size, args.max_seq_length, pad_multiple(args))]
+        micro = [batches.next(rank, size, plan.max_seq_length, plan.pad_multiple)]
         order = list(MODES)[r % 3:] + list(MODES)[:r % 3]
         for mode in order:
             for _ in range(per_mode):

@@ -35,6 +35,8 @@ from pathlib import Path
 
 from common import PY, REPO, env_for, launch, median, run, save, table
 
+from course_lib import metrics
+
 DATA = REPO / "data-sets" / "pirate"
 
 
@@ -58,26 +60,24 @@ def step_flops(iters: int, seed: int = 0, model: str | None = None, batch_size: 
     import numpy as np
 
     from course_lib.data import load_tokenizer
-    from course_lib.fine_tune import apply_recipe, build_parser, load_data
+    from course_lib.fine_tune import load_data, parse
     from course_lib.fine_tune.batches import GlobalBatches
     from course_lib.models import resolve
 
     folder = model or resolve("smollm2:float32")
-    args = build_parser().parse_args(["--model", "smollm2", "--seed", str(seed),
-                                      "--batch-size", str(batch_size)])
-    apply_recipe(args)
+    plan = parse(["--model", "smollm2", "--seed", str(seed), "--batch-size", str(batch_size)])
     config = json.loads((Path(folder) / "config.json").read_text())
     d, f, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     q = config["num_attention_heads"] * config["head_dim"]  # width of queries and of o's input
     kv = config["num_key_value_heads"] * config["head_dim"]
-    vocab, k, r = config["vocab_size"], args.num_layers, args.lora_rank
+    vocab, k, r = config["vocab_size"], plan.num_layers, plan.lora_rank
     n_layer = d * q * 2 + d * kv * 2 + d * f * 3  # q, o; k, v; gate, up, down
     lora = r * (2 * (d + q) + 2 * (d + kv) + 2 * (d + f) + (f + d))
-    train, _ = load_data(DATA, load_tokenizer(str(folder)), args)
-    batches = GlobalBatches(train, args.batch_size, args.seed)
+    train, _ = load_data(DATA, load_tokenizer(str(folder)), plan)
+    batches = GlobalBatches(train, plan.batch_size, plan.seed)
     steps = []
     for _ in range(iters):
-        tokens, lengths = batches.next(0, 1, args.max_seq_length)
+        tokens, lengths = batches.next(0, 1, plan.max_seq_length)
         lengths = np.array(lengths)
         t = lengths[:, 1]  # real tokens per row, each an input position
         scored = int((lengths[:, 1] - np.maximum(lengths[:, 0], 1) + 1).sum())
@@ -122,15 +122,14 @@ def padding() -> dict:
     """Padded positions per real token of one epoch of the default recipe's global batches,
     with ``pad_batch``'s rule of 32 (compiled steps, mlx_lm's) and of 1 (the default)."""
     from course_lib.data import load_tokenizer
-    from course_lib.fine_tune import apply_recipe, build_parser, load_data
+    from course_lib.fine_tune import load_data, parse
     from course_lib.fine_tune.batches import GlobalBatches, pad_batch
 
-    args = build_parser().parse_args(["--model", "smollm2"])
-    apply_recipe(args)
-    train, _ = load_data(DATA, load_tokenizer("smollm2:float32"), args)
-    batches = GlobalBatches(train, args.batch_size, args.seed).batches
-    real = sum(min(len(train[i][0]), args.max_seq_length) for b in batches for i in b)
-    return {str(m): sum(pad_batch([train[i] for i in b], args.max_seq_length, m)[0].size
+    plan = parse(["--model", "smollm2"])
+    train, _ = load_data(DATA, load_tokenizer("smollm2:float32"), plan)
+    batches = GlobalBatches(train, plan.batch_size, plan.seed).batches
+    real = sum(min(len(train[i][0]), plan.max_seq_length) for b in batches for i in b)
+    return {str(m): sum(pad_batch([train[i] for i in b], plan.max_seq_length, m)[0].size
                         for b in batches) / real for m in (32, 1)}
 
 
@@ -141,8 +140,7 @@ def fine_tune(ranks: int, iters: int, out: Path, extra: list) -> dict:
            "--save-every", 10**6, "--adapter-path", out, *extra]
     wall, _ = run(launch(ranks, cmd), env=env_for(ranks))
     summary = json.loads((out / "summary.json").read_text())
-    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [m for m in train if m["split"] == "train"]
+    train = [m for m in metrics.read(out) if m["split"] == "train"]
     return {"summary": summary, "steps": train, "wall_seconds": wall}
 
 

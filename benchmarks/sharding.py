@@ -19,7 +19,7 @@ the final save, and with it: rank 0 gathers the whole trained arrays to write th
 arithmetic (weights + gradients + Adam = 16 bytes per trained parameter held, 4 per frozen
 one, no activations); MB sent per step per rank: counted (the collectives the step builds,
 with ring-algorithm factors), on the wire (TCP bytes acknowledged), and the textbook
-formula (``course_lib.memory.traffic``).
+formula (``course_lib.memory.collective_bytes``).
 """
 
 import argparse
@@ -133,8 +133,8 @@ def main():
                 r = run_mode(folder, mode, a.iters, Path(tmp) / name, limit)
                 e = memory.estimate(config, mode, 2, 4, 64, fine_tune_type="full",
                                     num_layers=-1)
-                t = memory.traffic(config, mode, 2, 4, 64, fine_tune_type="full",
-                                   num_layers=-1)
+                t = memory.collective_bytes(config, mode, 2, 4, 64, fine_tune_type="full",
+                                            num_layers=-1)
                 r.update(predicted_gb=e.total / 1e9, arithmetic_gb=arithmetic(config, mode, 2)
                          / 1e9, formula_bytes=t["formula"], as_built_bytes=t["as_built"],
                          limit_gb=limit or None, parameters=params, estimate=e.as_dict())

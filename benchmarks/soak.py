@@ -3,7 +3,7 @@ random moment and resumed after each kill; the finished run must equal an uninte
 
 The run has 4 steps a cycle (at least 24), a checkpoint every 3 and a validation every 5.
 Each cycle picks, with a seeded random generator, a rank and a moment to SIGKILL it (the
-fault hooks of :mod:`course_lib.fine_tune.faults` and :mod:`course_lib.checkpoint`); each
+fault hooks of :mod:`course_lib.fault_injection`); each
 four cycles hold one kill of every kind, in a random order:
 
 - ``step``: as step N starts (its peer is then inside the step's all-reduce);
@@ -27,7 +27,6 @@ and how many finished steps the kill cost (``steps redone``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -40,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from course_lib import checkpoint  # noqa: E402
+from course_lib import checkpoint, metrics  # noqa: E402
 from course_lib.launch import child_env, mpirun_command  # noqa: E402
 
 TRAIN_ARGS = ["--steps-per-report", "1", "--steps-per-eval", "5", "--save-every", "3",
@@ -83,13 +82,13 @@ def pick_fault(rng: random.Random, done: int, kind: str, iters: int) -> tuple[st
 def _run(cmd: list[str], out: Path, env: dict, log: Path, first_new_step: int,
          timeout: float) -> dict:
     """Run ``cmd``; time its exit and its first train record past ``first_new_step - 1``."""
-    old = _inode(out / "metrics.jsonl")  # the run replaces the file when it starts
+    old = _inode(out / metrics.FILE)  # the run replaces the file when it starts
     tic = time.time()
     recovered = None
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         while proc.poll() is None:
-            if (recovered is None and _inode(out / "metrics.jsonl") not in (old, None)
+            if (recovered is None and _inode(out / metrics.FILE) not in (old, None)
                     and _has_step(out, first_new_step)):
                 recovered = time.time() - tic
             if time.time() - tic > timeout:
@@ -113,18 +112,8 @@ def _inode(path: Path) -> int | None:
 
 
 def _has_step(out: Path, it: int) -> bool:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if r.get("split") == "train" and r.get("iteration") == it:
-            return True
-    return False
+    return any(r["split"] == "train" and r["iteration"] == it
+               for r in metrics.read(out, missing_ok=True))
 
 
 def soak(out: Path, reference: Path, cycles: int, iters: int = 24, seed: int = 0,
@@ -138,8 +127,6 @@ def soak(out: Path, reference: Path, cycles: int, iters: int = 24, seed: int = 0
     fails other than by the injected kill.
     """
     import mlx.core as mx
-
-    from course_lib.plotting import read_metrics
 
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,8 +151,8 @@ def soak(out: Path, reference: Path, cycles: int, iters: int = 24, seed: int = 0
                "killed": r["fault_fired"], "stop_s": r["stop_s"],
                "recover_s": r["recover_s"] if done else None, "seconds": r["seconds"]}
         if r["fault_fired"]:
-            reached = max((x["iteration"] for x in _records(out) if x["split"] == "train"),
-                          default=0)
+            reached = max((x["iteration"] for x in metrics.read(out, missing_ok=True)
+                           if x["split"] == "train"), default=0)
             rec["steps_redone"] = max(reached - (checkpoint.latest(out) or 0), 0)
         records.append(rec)
         if echo:
@@ -175,8 +162,8 @@ def soak(out: Path, reference: Path, cycles: int, iters: int = 24, seed: int = 0
     else:
         raise RuntimeError("the run did not finish in the last cycle")
 
-    done_losses = {m["iteration"]: m["loss"] for m in read_metrics(out) if m["split"] == "train"}
-    ref_losses = {m["iteration"]: m["loss"] for m in read_metrics(reference)
+    done_losses = {m["iteration"]: m["loss"] for m in metrics.read(out) if m["split"] == "train"}
+    ref_losses = {m["iteration"]: m["loss"] for m in metrics.read(reference)
                   if m["split"] == "train"}
     if sorted(done_losses) != sorted(ref_losses):
         raise RuntimeError(f"steps differ: {sorted(done_losses)} vs {sorted(ref_losses)}")
@@ -187,15 +174,6 @@ def soak(out: Path, reference: Path, cycles: int, iters: int = 24, seed: int = 0
                                      for i in ref_losses),
             "max_weight_abs_diff": max(mx.abs(a[k] - b[k]).max().item() for k in b),
             "same_weight_names": sorted(a) == sorted(b)}
-
-
-def _records(out: Path) -> list[dict]:
-    from course_lib.plotting import read_metrics_so_far
-
-    try:
-        return read_metrics_so_far(out / "metrics.jsonl")
-    except ValueError:
-        return []
 
 
 def main(argv=None) -> int:

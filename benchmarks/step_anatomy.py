@@ -8,7 +8,7 @@ Amdahl's law is the part of a 1-rank step that more ranks do not shrink: the opt
 
 Each is measured with the step compiled (mx.compile) and op by op (--no-compile), which
 shows what compiling buys; the serial fraction comes from the form fine_tune picks by
-default on this device (fine_tune.resolve_compile).
+default on this device (fine_tune.compile_by_default).
 
     python benchmarks/step_anatomy.py [--iters 60] [--all-reduce auto|plain|bucketed]
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import PY, launch, run, save, table
 
-from course_lib.fine_tune import resolve_compile
+from course_lib.fine_tune import compile_by_default
 
 PHASES = ["data", "forward_backward", "wait", "all_reduce", "optimizer"]
 
@@ -49,7 +49,7 @@ def main():
                                 "ranks": ranks, "compiled": compiled,
                                 "all_reduce_mode": s["all_reduce"]}
                 print(key, results[key], flush=True)
-    default = "compiled" if resolve_compile(None) else "not compiled"
+    default = "compiled" if compile_by_default() else "not compiled"
     one, two = results[f"1 {default}"], results[f"2 {default}"]
     serial = (one["optimizer"] + two["all_reduce"]) / one["step"]
     share = two["all_reduce"] / two["step"]

@@ -31,9 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, save, table  # noqa: E402
 
-from course_lib import checkpoint  # noqa: E402
+from course_lib import checkpoint, metrics  # noqa: E402
 from course_lib.mpi import find_open_mpi, mpirun_flags  # noqa: E402
-from course_lib.plotting import read_metrics_so_far  # noqa: E402
 
 PY = sys.executable
 TINY = ["--model", "tiny", "--iters", "400", "--steps-per-report", "1", "--save-every", "1000",
@@ -69,7 +68,7 @@ def case(name: str, args: list[str], launcher: str, signum: int, target: str = "
         out = Path(tmp) / "run"
         proc = subprocess.Popen(_fine_tune(args, out, launcher), cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        while len([r for r in read_metrics_so_far(out / "metrics.jsonl")
+        while len([r for r in metrics.read(out, missing_ok=True)
                    if r["split"] == "train"]) < 2:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name}: ended early:\n{proc.communicate()[1][-2000:]}")

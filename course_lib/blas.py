@@ -31,6 +31,8 @@ import os
 import sys
 from pathlib import Path
 
+from course_lib.mpi import find_libmpi
+
 OPT_OUT_VAR = "COURSE_LIB_FAST_BLAS"
 OVERRIDE_VAR = "COURSE_LIB_OPENBLAS"
 _ACTIVE_VAR = "COURSE_LIB_FAST_BLAS_ACTIVE"  # set in the re-executed process
@@ -229,8 +231,6 @@ def install_kernel(venv: str) -> Path:
     environment's Open MPI (:mod:`course_lib.mpi`), so MLX in a notebook finds MPI as it does
     under ``mpirun``. Returns the kernel folder.
     """
-    from course_lib.mpi import find_libmpi
-
     folder = Path(venv) / "share" / "jupyter" / "kernels" / "course-mlx"
     folder.mkdir(parents=True, exist_ok=True)
     spec = {

@@ -23,15 +23,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from course_lib import atomic
+from course_lib import atomic, fault_injection
+from course_lib.distributed import broadcast, broadcast_json
 
 CHECKPOINT = re.compile(r"^(\d{7})_state\.json$")
 
@@ -42,32 +41,6 @@ def paths(folder: Path, iteration: int) -> dict[str, Path]:
     return {"adapters": Path(f"{stem}_adapters.safetensors"),
             "optimizer": Path(f"{stem}_optimizer.safetensors"),
             "state": Path(f"{stem}_state.json")}
-
-
-def save_safetensors_atomic(path: Path, arrays: dict) -> None:
-    """``mx.save_safetensors`` through a temporary file and a rename
-    (:func:`course_lib.atomic.save_safetensors`); raises
-    :class:`course_lib.atomic.WriteError` naming ``path`` when it cannot be written."""
-    atomic.save_safetensors(path, arrays)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """JSON to ``path`` through a temporary file and a rename
-    (:func:`course_lib.atomic.write_json`); raises :class:`course_lib.atomic.WriteError`."""
-    atomic.write_json(path, obj)
-
-
-def _fault(name: str, iteration: int) -> None:
-    """Test hook: ``COURSE_LIB_FAULT=kill-in-save@N`` SIGKILLs rank 0 in the middle of the
-    save at iteration N (after the adapters, before the optimizer state and state file)."""
-    if os.environ.get("COURSE_LIB_FAULT") == f"{name}@{iteration}":
-        import signal
-        import sys
-        import time
-
-        print(f"fault injected: {name}@{iteration}: SIGKILL rank 0 at {time.time():.3f}",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save(folder: Path, iteration: int, model, optimizer, state: dict) -> Path:
@@ -82,12 +55,12 @@ def save(folder: Path, iteration: int, model, optimizer, state: dict) -> Path:
     p = paths(folder, iteration)
     written = []
     try:
-        save_safetensors_atomic(p["adapters"], dict(tree_flatten(model.trainable_parameters())))
+        atomic.save_safetensors(p["adapters"], dict(tree_flatten(model.trainable_parameters())))
         written.append(p["adapters"])
-        _fault("kill-in-save", iteration)
-        save_safetensors_atomic(p["optimizer"], dict(tree_flatten(optimizer.state)))
+        fault_injection.in_save(iteration)
+        atomic.save_safetensors(p["optimizer"], dict(tree_flatten(optimizer.state)))
         written.append(p["optimizer"])
-        write_json_atomic(p["state"], {**state, "iteration": iteration})
+        atomic.write_json(p["state"], {**state, "iteration": iteration})
     except atomic.WriteError:
         if written:  # a state file left from before would now describe other weights
             for f in (p["state"], *written):
@@ -137,19 +110,6 @@ def mismatches(saved: dict, current: dict) -> list[str]:
             if saved.get(k) != current.get(k)]
 
 
-# ----------------------------------------------------------------------------- broadcast
-
-def broadcast_json(obj, group):
-    """Rank 0's JSON-able ``obj`` on every rank (others pass anything, e.g. None)."""
-    if group.size() == 1:
-        return obj
-    data = json.dumps(obj).encode() if group.rank() == 0 else b""
-    n = int(mx.distributed.all_sum(mx.array(len(data)), group=group).item())
-    buf = np.frombuffer(data, dtype=np.uint8) if group.rank() == 0 else np.zeros(n, np.uint8)
-    total = mx.distributed.all_sum(mx.array(buf.astype(np.int32)), group=group)
-    return json.loads(bytes(np.array(total).astype(np.uint8)).decode())
-
-
 def broadcast_arrays(arrays: dict, template: dict, group) -> dict:
     """Rank 0's ``arrays`` on every rank; other ranks pass ``{}`` and get arrays shaped like
     ``template`` (same keys; its values arrays or anything with ``.shape`` and ``.dtype``)
@@ -157,8 +117,6 @@ def broadcast_arrays(arrays: dict, template: dict, group) -> dict:
 
     Raises ``ValueError`` on every rank when rank 0's ``arrays`` lack a key of ``template``.
     """
-    from course_lib.distributed import broadcast
-
     if group.size() == 1:
         return arrays
     missing = broadcast_json(sorted(set(template) - set(arrays)) if group.rank() == 0 else None,

@@ -9,12 +9,13 @@ trainers read other layouts (see ``mlx_lm/tuner/datasets.py``):
 - completions: ``{"prompt": ..., "completion": ...}``
 - text: ``{"text": ...}``
 
-This module converts Dolly rows to chat records (the user turn holds the instruction and,
-when present, the context after a blank line), passes the three ``mlx_lm`` layouts through
-unchanged, validates every row, splits with a seeded shuffle (80/20 train/valid by default),
-optionally drops rows longer than ``max_tokens`` under a tokenizer (dropping, not
-truncating: a truncated row teaches the model to stop mid-answer), and writes
-``train.jsonl``/``valid.jsonl``/``test.jsonl`` atomically.
+This module converts Dolly rows to chat records (:func:`course_lib.chat.to_chat_record`:
+the user turn holds the instruction and, when present, the context after a blank line),
+passes the three ``mlx_lm`` layouts through unchanged, validates every row, splits with a
+seeded shuffle (80/20 train/valid by default), optionally drops rows longer than
+``max_tokens`` under a tokenizer (dropping, not truncating: a truncated row teaches the
+model to stop mid-answer), and writes ``train.jsonl``/``valid.jsonl``/``test.jsonl``
+atomically (:mod:`course_lib.atomic`).
 
 CLI::
 
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from course_lib import atomic
+from course_lib.chat import to_chat_record
+from course_lib.models import ModelError, resolve
 
 DOLLY_FIELDS = ("instruction", "context", "response", "category")
 HF_REPO_ID = "TeeZee/dolly-15k-pirate-speech"
@@ -112,20 +115,6 @@ def validate_row(row, fmt: str) -> str | None:
             return "no assistant message to learn from"
         return None
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-
-
-def to_chat_record(row: dict) -> dict:
-    """A Dolly row as a chat record ``{"messages": [user, assistant]}``.
-
-    The user turn is the instruction, then a blank line and the context when the context is
-    not empty; the assistant turn is the response. Surrounding white space is stripped.
-    """
-    user = row["instruction"].strip()
-    context = row.get("context", "").strip()
-    if context:
-        user = f"{user}\n\n{context}"
-    return {"messages": [{"role": "user", "content": user},
-                         {"role": "assistant", "content": row["response"].strip()}]}
 
 
 @dataclass
@@ -250,24 +239,11 @@ def filter_by_tokens(records: list, tokenizer, max_tokens: int) -> tuple[list, l
     return kept, dropped, lengths
 
 
-def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
-    """Write ``records`` as JSON Lines (UTF-8) to ``path`` via a temporary file and a rename,
-    so a reader sees the old file or the new one, never half of one
-    (:func:`course_lib.atomic.write_jsonl`). Creates the folder. Raises
-    :class:`course_lib.atomic.WriteError` naming the path when it cannot be written (the
-    temporary file is removed)."""
-    path = Path(path)
-    atomic.make_folder(path.parent)
-    atomic.write_jsonl(path, records)
-
-
 def load_tokenizer(name: str):
     """A tokenizer by course model name (``smollm2``, ``tiny``; ``default`` is the course's
     model, smollm2), model folder or Hugging Face id; named models are built on first use.
     Returns ``mlx_lm``'s ``TokenizerWrapper``."""
     from mlx_lm.utils import load_tokenizer as _load
-
-    from course_lib.models import resolve
 
     name = resolve("smollm2" if name == "default" else name)
     return _load(Path(name) if Path(name).exists() else name)
@@ -295,11 +271,11 @@ def prepare(input_path: str | Path, out_dir: str | Path, valid_fraction: float =
         if not records:
             raise ValueError(f"every row is longer than --max-tokens {max_tokens}")
     train, valid, test = split_records(records, valid_fraction, test_fraction, seed)
-    out_dir = Path(out_dir)
+    out_dir = atomic.make_folder(out_dir)
     splits = {"train": train, "valid": valid, "test": test}
     for name, rows in splits.items():
         if rows:
-            write_jsonl_atomic(out_dir / f"{name}.jsonl", rows)
+            atomic.write_jsonl(out_dir / f"{name}.jsonl", rows)
     summary.update({name: len(rows) for name, rows in splits.items()})
     summary["out_dir"] = str(out_dir)
     return summary
@@ -353,8 +329,6 @@ def download_dataset(dest_dir: str | Path | None = None, repo_id: str = HF_REPO_
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-
-    from course_lib.models import ModelError
 
     parser = argparse.ArgumentParser(
         prog="python -m course_lib.data",

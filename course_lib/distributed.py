@@ -33,6 +33,7 @@ import sys
 import time
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_map
 
 from course_lib.mpi import point_mlx_at_libmpi
@@ -224,6 +225,20 @@ def broadcast(tree, group: mx.distributed.Group | None = None, root: int = 0):
     mine = group.rank() == root
     return tree_map(lambda x: mx.distributed.all_sum(x if mine else mx.zeros_like(x),
                                                      group=group), tree)
+
+
+def broadcast_json(obj, group):
+    """Rank 0's JSON-able ``obj`` on every rank (others pass anything, e.g. None): its
+    length, then its UTF-8 bytes, in two all-sums (the other ranks add zeros). Used to
+    send rank 0's decisions (a checkpoint to continue, whether its outputs started) so that
+    every rank agrees, also on an error."""
+    if group.size() == 1:
+        return obj
+    data = json.dumps(obj).encode() if group.rank() == 0 else b""
+    n = int(mx.distributed.all_sum(mx.array(len(data)), group=group).item())
+    buf = np.frombuffer(data, dtype=np.uint8) if group.rank() == 0 else np.zeros(n, np.uint8)
+    total = mx.distributed.all_sum(mx.array(buf.astype(np.int32)), group=group)
+    return json.loads(bytes(np.array(total).astype(np.uint8)).decode())
 
 
 def all_sum(x, group: mx.distributed.Group | None = None):

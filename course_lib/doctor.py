@@ -39,6 +39,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import course_lib
+from course_lib import blas
+from course_lib.hostfile import Host, HostfileError, read_hostfile, to_openmpi, total_slots
+from course_lib.launch import child_env, mpirun_command
+from course_lib.mpi import MPIError, find_open_mpi, open_mpi_version
+from course_lib.ssh import ssh_options
+
 # Below this all-reduce bus bandwidth (GB/s, 1e9 bytes/s) a full fine-tune of even a small
 # model spends more time communicating than computing: 0.1 GB/s is about gigabit Ethernet.
 SLOW_LINK_GBPS = 0.1
@@ -67,7 +74,6 @@ def check_mlx(report: Report) -> None:
         report.add("FAIL", "MLX", f"cannot import mlx ({e})",
                    "run bash scripts/setup.sh (or pip install 'mlx[cpu]' on Linux, mlx on macOS)")
         return
-    from course_lib import blas
 
     report.add("PASS", "MLX", f"version {mx.__version__}, default device {mx.default_device()}")
     line = blas.report()
@@ -103,13 +109,13 @@ def check_platform(report: Report) -> None:
     user = "root" if hasattr(os, "geteuid") and os.geteuid() == 0 else "not root"
     report.add("PASS", "platform", f"{where}; {user}")
     try:
-        from course_lib.fine_tune.step import resolve_compile
-        from course_lib.models import default_dtype
+        from course_lib.fine_tune.plan import compile_by_default  # lazy: loads MLX; reported
+        from course_lib.models import default_dtype  # lazy: with MLX, in the try
 
         import mlx.core as mx
 
         report.add("PASS", "defaults", f"device {mx.default_device()}: --model smollm2 loads "
-                   f"{default_dtype()} weights, --compile {'on' if resolve_compile(None) else 'off'}"
+                   f"{default_dtype()} weights, --compile {'on' if compile_by_default() else 'off'}"
                    " (chapters 4 and 6 name their weights: smollm2:float32)")
     except ImportError:
         pass  # check_mlx said why
@@ -118,8 +124,6 @@ def check_platform(report: Report) -> None:
 def check_mpi(report: Report) -> bool:
     """Which MPI the course will start ranks with (:mod:`course_lib.mpi`), and whether MLX
     opens its libmpi: the two things that differ between a Linux box and a Mac."""
-    from course_lib.mpi import MPIError, find_open_mpi
-
     try:
         mpi = find_open_mpi()
     except MPIError as e:
@@ -151,8 +155,6 @@ def check_mpi(report: Report) -> bool:
 
 def check_hostfile(report: Report, path: str | None, ranks: int):
     """Returns the hosts (or None when the hostfile fails)."""
-    from course_lib.hostfile import Host, HostfileError, read_hostfile, total_slots
-
     if path is None:
         report.add("PASS", "hostfile", f"none given: {ranks} ranks on this machine")
         return [Host("localhost", ranks)]
@@ -191,8 +193,6 @@ def local_versions() -> dict:
     import mlx.core
     import mlx_lm
 
-    import course_lib
-
     return {"mlx": mlx.core.__version__, "mlx_lm": mlx_lm.__version__,
             "course_lib": course_lib.__version__}
 
@@ -217,8 +217,7 @@ def check_remote(report: Report, hosts, timeout: float = 10) -> bool:
         return True
     mine = local_versions()
     for h in remote:
-        base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}",
-                "-o", "StrictHostKeyChecking=accept-new", h.name]
+        base = ["ssh", *ssh_options(timeout), h.name]
         try:
             probe = subprocess.run(base + ["true"], capture_output=True, text=True,
                                    timeout=timeout + 5)
@@ -258,8 +257,6 @@ def check_remote_mpi(report: Report, host: str, ssh: list[str], timeout: float =
     (on a Mac ``/usr/bin:/bin:/usr/sbin:/sbin``, without ``.venv``) and the Open MPI that
     ``mpirun --prefix`` will start ``prted`` from, at this machine's prefix: there, and the
     same version as here."""
-    from course_lib.mpi import MPIError, find_open_mpi, open_mpi_version
-
     try:
         mpi = find_open_mpi()
     except MPIError:
@@ -369,12 +366,9 @@ def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: 
     16 MiB all-reduce) and add the all-reduce and link-speed checks to ``report``.
     Returns rank 0's measurements (``latency_seconds``, ``bus_gbps`` in 1e9 bytes/s) or
     None when it failed."""
-    from course_lib.launch import child_env, mpirun_command
-
     with tempfile.TemporaryDirectory() as tmp:
         hostfile_arg = None
         if hostfile:
-            from course_lib.hostfile import read_hostfile, to_openmpi
 
             hostfile_arg = Path(tmp) / "hostfile"
             hostfile_arg.write_text(to_openmpi(read_hostfile(hostfile)))
@@ -419,7 +413,8 @@ def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: 
 
 def worker() -> int:
     """Run under mpirun by the all-reduce check: print this rank's findings as JSON."""
-    from course_lib.distributed import hello, init_world, measure_all_sum, print_line
+    from course_lib.distributed import (  # lazy: loads MLX, in the worker ranks only
+        hello, init_world, measure_all_sum, print_line)
 
     group, _ = init_world("mpi")
     result = hello(group)

@@ -20,6 +20,9 @@ import re
 import sys
 from pathlib import Path
 
+from course_lib.fine_tune.batches import pad_batch
+from course_lib.models import ModelError, resolve
+
 PIRATE_WORDS = frozenset({
     "arr", "arrr", "ahoy", "aye", "avast", "matey", "mateys", "ye", "yer", "yarr", "hearty",
     "hearties", "landlubber", "landlubbers", "o'", "'tis", "savvy", "shiver", "timbers",
@@ -88,8 +91,6 @@ def compare(model: str, adapter_path, prompts=HELD_OUT_PROMPTS, max_tokens: int 
     """The base model's and the adapter's answers to ``prompts`` side by side:
     ``[{"prompt", "base", "adapter", "base_score", "adapter_score"}]`` (scores from
     :func:`pirate_word_share`). ``model`` is a course model name or a folder."""
-    from course_lib.models import resolve
-
     path = resolve(model)
     base = generate_answers(path, list(prompts), max_tokens=max_tokens)
     tuned = generate_answers(path, list(prompts), adapter_path=adapter_path,
@@ -110,8 +111,6 @@ def answer_loss(model, tokenizer, records: list[dict], batch_size: int = 8) -> f
 
     from mlx_lm.tuner.datasets import create_dataset
     from mlx_lm.tuner.trainer import default_loss
-
-    from course_lib.fine_tune import pad_batch
 
     dataset = create_dataset(records, tokenizer, types.SimpleNamespace(mask_prompt=True))
     rows = [dataset.process(dataset[i]) for i in range(len(dataset))]
@@ -142,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     if not config_file.is_file():
         parser.error(f"{config_file}: no such file (is {args.adapter_path} a fine-tune's "
                      "--adapter-path?)")
-    from course_lib.models import ModelError
-
     config = json.loads(config_file.read_text())
     model = args.model or config.get("model_name") or config.get("model")
     if not model:

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from course_lib import metrics
 from course_lib.mpi import mpirun_command  # noqa: F401  (the course's mpirun lines, re-exported)
-from course_lib.plotting import read_metrics_so_far
 
 
 def mlx_launch_command(n: int, *cmd, hostfile: str | None = None) -> list[str]:
@@ -142,7 +142,8 @@ def shell_line(cmd: list, root: str | Path | None = None) -> str:
 
 def _iterations(args) -> int:
     """How many steps a fine-tune with options ``args`` runs (its recipe fills the rest)."""
-    from course_lib.fine_tune import apply_recipe, build_parser
+    from course_lib.fine_tune import (  # lazy: loads MLX; launch only starts processes
+        apply_recipe, build_parser)
 
     ns, _ = build_parser().parse_known_args([str(a) for a in args])
     apply_recipe(ns)
@@ -164,9 +165,8 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
     adapter_path = Path(adapter_path)
     cmd = fine_tune_command(adapter_path, ranks, launcher, args)
     iters = _iterations(args)
-    metrics = adapter_path / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()  # so the bar does not show the previous run's records
+    metrics_file = adapter_path / metrics.FILE
+    metrics_file.unlink(missing_ok=True)  # so the bar does not show the previous run's records
     bar = _Progress(iters, f"{ranks} rank{'s' if ranks > 1 else ''}") if progress else None
     started = time.monotonic()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -176,7 +176,8 @@ def run_fine_tune(adapter_path: str | Path, ranks: int = 1, launcher: str = "mpi
         while proc.poll() is None:
             output.extend(proc.stdout.readlines())
             if bar:
-                train = [r for r in read_metrics_so_far(metrics) if r["split"] == "train"]
+                train = [r for r in metrics.read(metrics_file, missing_ok=True)
+                         if r["split"] == "train"]
                 if train:
                     last = train[-1]
                     loss = "n/a" if last["loss"] is None else f"{last['loss']:.3f}"

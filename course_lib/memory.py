@@ -41,6 +41,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from course_lib.fine_tune.options import recipe_for
+from course_lib.models import resolve
+from course_lib.traffic import ring_bytes_sent, ring_fraction
+
 MODES = ("none", "fsdp", "tensor")
 FLOAT = 4  # bytes
 
@@ -228,12 +232,13 @@ def suggest(config: dict, budget_bytes: float, ranks: int, batch_size: int,
     return {"mode": mode, "largest_batch": largest, "reason": reason}
 
 
-# --------------------------------------------------------------------------- traffic
+# --------------------------------------------------------------------------- bytes sent
 
-def traffic(config: dict, mode: str, ranks: int, batch_size: int, seq_length: int,
-            fine_tune_type: str = "lora", num_layers: int = -1, lora_rank: int = 8,
-            native_reduce_scatter: bool = False) -> dict:
-    """Bytes one rank sends per step, by the textbook formulas, with ring collectives:
+def collective_bytes(config: dict, mode: str, ranks: int, batch_size: int, seq_length: int,
+                     fine_tune_type: str = "lora", num_layers: int = -1, lora_rank: int = 8,
+                     native_reduce_scatter: bool = False) -> dict:
+    """Bytes one rank sends per step, by the textbook formulas, with ring collectives
+    (:func:`course_lib.traffic.ring_bytes_sent`):
     ``{"formula": bytes, "as_built": bytes, "terms": {...}}``.
 
     ``none``: an all-reduce of the gradients, ``2(N-1)/N * 4T``. ``fsdp`` (ZeRO-3): an
@@ -250,15 +255,15 @@ def traffic(config: dict, mode: str, ranks: int, batch_size: int, seq_length: in
     """
     counts = parameter_counts(config)
     n = ranks
-    f = (n - 1) / n
+    f = ring_fraction(n)  # (N-1)/N of a whole array per all-gather or reduce-scatter
     nl = counts["layers"] if num_layers == -1 else num_layers
     t = trainable_count(config, fine_tune_type, nl, lora_rank) * FLOAT
     p = (counts["total"] * FLOAT) + (t if fine_tune_type == "lora" else 0)  # LoRA's too
     if mode == "none":
-        return {"formula": 2 * f * t, "as_built": 2 * f * t,
-                "terms": {"all-reduce gradients": 2 * f * t}}
+        grads = ring_bytes_sent("all_sum", t, n)
+        return {"formula": grads, "as_built": grads, "terms": {"all-reduce gradients": grads}}
     if mode == "fsdp":
-        rs = f * t * (1 if native_reduce_scatter else 2)
+        rs = ring_bytes_sent("sum_scatter" if native_reduce_scatter else "all_sum", t, n)
         emb = counts["embedding"] * FLOAT if config.get("tie_word_embeddings", True) else 0
         return {"formula": 2 * f * p + f * t, "as_built": 2 * f * p + f * emb + rs,
                 "terms": {"all-gather forward": f * p, "all-gather backward": f * p,
@@ -271,10 +276,11 @@ def traffic(config: dict, mode: str, ranks: int, batch_size: int, seq_length: in
     if fine_tune_type == "lora":  # r-wide all-sums: one per split LoRA layer
         per_tok = batch_size * max(seq_length - 1, 1) * lora_rank * FLOAT
         lora = nl * per_tok * (7 if split["attention"] else 3)
-    return {"formula": 2 * f * act * 4 * layers,
-            "as_built": 2 * f * (act * built * layers + lora),
-            "terms": {"all-reduce activations forward": 2 * f * act * 2 * layers,
-                      "all-reduce activations backward": 2 * f * act * 2 * layers}}
+    one = ring_bytes_sent("all_sum", act, n)  # one all-reduce of the activations
+    return {"formula": one * 4 * layers,
+            "as_built": ring_bytes_sent("all_sum", act * built * layers + lora, n),
+            "terms": {"all-reduce activations forward": one * 2 * layers,
+                      "all-reduce activations backward": one * 2 * layers}}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -282,15 +288,11 @@ def traffic(config: dict, mode: str, ranks: int, batch_size: int, seq_length: in
 def model_config(model: str) -> dict:
     """``config.json`` of ``--model`` (a course model name, built on first use, or a
     folder)."""
-    from course_lib.models import resolve
-
     path = Path(resolve(model))
     return json.loads((path / "config.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
-    from course_lib.fine_tune.options import apply_recipe
-
     p = argparse.ArgumentParser(prog="python -m course_lib.memory",
                                 description="Predict peak memory per rank of a fine-tune "
                                 "and suggest a sharding mode and batch for a budget.")
@@ -311,12 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the backend has sum_scatter (NCCL); default: MPI/ring, which do not")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    ns = argparse.Namespace(model=args.model, num_layers=args.num_layers,
-                            lora_rank=args.lora_rank, batch_size=args.batch_size,
-                            max_seq_length=args.seq_length, iters=None, learning_rate=None,
-                            mask_prompt=None, steps_per_report=None, steps_per_eval=None,
-                            val_batches=None, save_every=None)
-    apply_recipe(ns)
+    _, recipe = recipe_for(args.model)  # what the fine-tune fills in for options left out
+    ns = argparse.Namespace(**{key: recipe[key] if given is None else given for key, given in
+                               (("num_layers", args.num_layers), ("lora_rank", args.lora_rank),
+                                ("batch_size", args.batch_size),
+                                ("max_seq_length", args.seq_length))})
     config = model_config(args.model)
     layers = config["num_hidden_layers"]
     nl = layers if ns.num_layers in (None, -1) else ns.num_layers
@@ -325,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         e = estimate(config, args.sharding, args.ranks, ns.batch_size, ns.max_seq_length,
                      **kw)
-        t = traffic(config, args.sharding, args.ranks, ns.batch_size, ns.max_seq_length,
-                    **kw)
+        t = collective_bytes(config, args.sharding, args.ranks, ns.batch_size,
+                             ns.max_seq_length, **kw)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

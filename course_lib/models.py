@@ -16,7 +16,8 @@ Two models serve the course, each a folder in the Hugging Face layout (``config.
   builds and pretrains in a few minutes; the fast model of the tests.
 
 ``python -m course_lib.models NAME [--dtype float32|bfloat16|4bit]`` prints the folder of
-model ``NAME``, building it into the cache (:func:`cache_dir`) on first use.
+model ``NAME``, building it into the cache (:func:`course_lib.cache.cache_dir`) on first
+use.
 
 Why the dtypes (``--dtype``, or ``smollm2:DTYPE`` as a model name):
 
@@ -54,16 +55,16 @@ if __name__ == "__main__":  # before MLX loads: see course_lib.blas
 
     reexec_with_fast_blas()
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from course_lib.cache import building, cache_dir, file_lock
+from course_lib.tiny_model import ensure_tiny_model, tiny_model_path
 
 NAMES = ("smollm2", "tiny")
 DTYPES = ("float32", "bfloat16", "4bit")
@@ -96,46 +97,6 @@ SMOLLM2 = GGUFSource(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     size=98_362_432,
 )
-
-
-# ----------------------------------------------------------------------------- cache
-
-def cache_dir() -> Path:
-    """Where built models live: ``$COURSE_LIB_CACHE``, else ``$XDG_CACHE_HOME/course_lib``,
-    else ``~/.cache/course_lib``."""
-    if os.environ.get("COURSE_LIB_CACHE"):
-        return Path(os.environ["COURSE_LIB_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "course_lib"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on ``path``: ranks on one host wait while one of them builds."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def building(out: Path):
-    """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds, so
-    ``out`` is complete or absent; removed on any failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is for every user
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- the GGUF
@@ -420,8 +381,6 @@ def resolve(name: str = "smollm2", log=None) -> str:
         return name
     base, dtype = parsed
     if base == "tiny":
-        from course_lib.tiny_model import ensure_tiny_model
-
         return str(ensure_tiny_model(log=log))
     return str(ensure_smollm2(dtype, log=log))
 
@@ -454,8 +413,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dtype applies to smollm2 only")
     try:
         if args.force:
-            from course_lib.tiny_model import tiny_model_path
-
             old = tiny_model_path() if args.name == "tiny" else smollm2_path(args.dtype)
             shutil.rmtree(old, ignore_errors=True)
         name = args.name if not args.dtype else f"{args.name}:{args.dtype}"

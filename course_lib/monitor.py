@@ -28,8 +28,8 @@ import sys
 import threading
 from pathlib import Path
 
-from course_lib.fine_tune.outputs import METRICS_FILE
-from course_lib.fine_tune.reporting import TENSORBOARD_FOLDER, TENSORBOARD_MISSING
+from course_lib.metrics import FILE as METRICS_FILE
+from course_lib.fine_tune.callbacks import TENSORBOARD_FOLDER, TENSORBOARD_MISSING
 
 
 def event_folder(run_dir: str | Path) -> Path:

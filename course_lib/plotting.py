@@ -1,45 +1,20 @@
-"""Loss curves from ``metrics.jsonl`` (matplotlib; works without a display)."""
+"""Loss curves from ``metrics.jsonl`` (:func:`course_lib.metrics.read`), per-rank step
+times, token lengths and sharding layouts (matplotlib; works without a display)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (a file, or the adapter folder holding one).
-
-    Each record has ``iteration``, ``split`` (``"train"``, ``"valid"`` or ``"rank"``),
-    ``loss`` (mean cross-entropy per target token, nats) and ``world_size``; train records
-    also have ``tokens_per_second``, ``seconds`` and ``peak_memory_gb``; ``rank`` records
-    (one per rank and report) a rank's own numbers: ``rank``, ``host``, ``tokens``,
-    ``step_seconds``... (:meth:`course_lib.fine_tune.reporting.Reporter.gather`).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_metrics_so_far(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` a run may still be writing: ``[]`` while the file
-    does not exist yet, and a last line still being written is left out. Same records as
-    :func:`read_metrics` otherwise."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip().endswith("}")]
+from course_lib.atomic import atomic_write
 
 
 def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
                      title: str = "Loss", ax=None):
     """Train (solid) and validation (dashed, dots) loss against iteration, one colour per run.
 
-    ``runs`` maps a label to its metric records (see :func:`read_metrics`). Saves a PNG to
-    ``out`` when given, atomically (:class:`course_lib.atomic.WriteError` when it cannot).
-    Returns the matplotlib ``Figure``.
+    ``runs`` maps a label to its metric records (:func:`course_lib.metrics.read`). Saves a
+    PNG to ``out`` when given, atomically (:class:`course_lib.atomic.WriteError` when it
+    cannot). Returns the matplotlib ``Figure``.
     """
     import matplotlib
 
@@ -67,8 +42,6 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
     ax.legend()
     fig.tight_layout()
     if out is not None:  # whole or not at all (course_lib.atomic): WriteError on failure
-        from course_lib.atomic import atomic_write
-
         try:
             with atomic_write(out, "wb") as f:
                 fig.savefig(f, format=Path(out).suffix.lstrip(".") or "png", dpi=100)
@@ -86,11 +59,11 @@ def plot_rank_times(records: list[dict], out: str | Path | None = None,
                     title: str = "Seconds per step, by rank"):
     """Each rank's forward+backward time, its time at the all-reduce and its step time
     (seconds per step over each report window) against iteration: one panel each, one
-    colour per rank, from a run's ``"rank"`` records (:func:`read_metrics`). The slow rank
-    has the highest forward+backward line; the others wait for it at the all-reduce.
-    Saves a PNG to ``out`` when given; returns the matplotlib ``Figure``. Raises
-    ValueError when the records hold no per-rank phase times (a run from before per-rank
-    records, or one with ``--no-rank-timing``)."""
+    colour per rank, from a run's ``"rank"`` records (:func:`course_lib.metrics.read`). The
+    slow rank has the highest forward+backward line; the others wait for it at the
+    all-reduce. Saves a PNG to ``out`` when given; returns the matplotlib ``Figure``.
+    Raises ValueError when the records hold no per-rank phase times (a run from before
+    per-rank records, or one with ``--no-rank-timing``)."""
     import matplotlib
 
     if out is not None:

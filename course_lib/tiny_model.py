@@ -18,7 +18,7 @@ faults) run in seconds, with no download:
 
 It writes something like English, not good English: it is a test model. The build is
 deterministic for a seed on one machine (same BLAS, same thread count) and is cached under
-:func:`course_lib.models.cache_dir` in a folder named after a hash of its recipe, so a
+:func:`course_lib.cache.cache_dir` in a folder named after a hash of its recipe, so a
 changed recipe builds a new model. ``build_info.json`` in that folder records what building
 cost.
 
@@ -43,7 +43,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from course_lib.models import building, cache_dir, file_lock
+from course_lib.cache import building, cache_dir, file_lock
+from course_lib.chat import to_chat_record  # one conversion for the whole course
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS = ASSETS / "pretrain_corpus.jsonl"
@@ -107,8 +108,6 @@ def load_corpus(path: Path = CORPUS) -> list[dict]:
 
     Raises ``ValueError`` naming the file and line of a bad record.
     """
-    from course_lib.data import to_chat_record  # one conversion for the whole course
-
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

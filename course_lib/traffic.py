@@ -1,7 +1,7 @@
 """How many bytes the collectives of a training step move: counted in the process, and
-measured on the wire.
+measured on the wire; and what moving them costs on a link (the step-time cost model).
 
-Two ways, because they answer different questions:
+Two ways to count, because they answer different questions:
 
 - :class:`CollectiveCounter` counts the payload of every ``mx.distributed`` collective a
   piece of code *builds* (``all_sum``, ``all_gather``, ``sum_scatter``), MLX's own layers
@@ -18,6 +18,9 @@ Bytes each rank *sends* for a payload of ``b`` bytes at ``N`` ranks, with the ri
 algorithms (Patarasuk and Yuan 2009; the convention of NVIDIA's nccl-tests):
 all-reduce ``2(N-1)/N * b``; all-gather of ``b`` bytes from each rank ``(N-1) * b``
 (``(N-1)/N`` of the gathered result); reduce-scatter of ``b`` bytes in ``(N-1)/N * b``.
+:func:`ring_fraction` and :func:`ring_bytes_sent` are these formulas' one home:
+``course_lib.memory`` predicts a step's bytes with them, and :func:`ring_all_reduce_seconds`
+turns an all-reduce's bytes into seconds on a link of given bandwidth and latency.
 """
 
 from __future__ import annotations
@@ -31,13 +34,22 @@ import mlx.core as mx
 OPS = ("all_sum", "all_gather", "sum_scatter")
 
 
-def ring_bytes_sent(op: str, payload: int, n: int) -> float:
+def ring_fraction(n: int) -> float:
+    """``(N-1)/N``: the share of a whole array each of ``n`` ranks sends in one pass round
+    the ring, a reduce-scatter of the array or an all-gather into it (an all-reduce is
+    both: twice that). 0 for one rank."""
+    return (n - 1) / n
+
+
+def ring_bytes_sent(op: str, payload: float, n: int) -> float:
     """Bytes one rank sends for ``op`` on a ``payload`` (bytes of the array it passes in)
-    at ``n`` ranks, with the ring algorithm (see the module docstring)."""
+    at ``n`` ranks, with the ring algorithm (see the module docstring). Raises
+    ``KeyError`` for an ``op`` not in :data:`OPS` (at two ranks or more)."""
     if n < 2:
         return 0.0
-    return {"all_sum": 2 * (n - 1) / n * payload, "all_gather": (n - 1) * payload,
-            "sum_scatter": (n - 1) / n * payload}[op]
+    f = ring_fraction(n)
+    return {"all_sum": 2 * f * payload, "all_gather": (n - 1) * payload,
+            "sum_scatter": f * payload}[op]
 
 
 class CollectiveCounter:
@@ -119,3 +131,33 @@ def socket_bytes(pids) -> dict[int, dict[str, int]]:
         t["sent"] += max(counters.get("bytes_acked", 1) - 1, 0)
         t["received"] += counters.get("bytes_received", 0)
     return totals
+
+
+# ----------------------------------------------------------------------------- the cost model
+
+def ring_all_reduce_seconds(n_bytes: float, n: int, bits_per_second: float,
+                            latency_seconds: float, calls: int = 1) -> float:
+    """Seconds of a ring all-reduce of ``n_bytes`` per rank over ``n`` machines.
+
+    Each machine sends and receives 2(N-1)/N x bytes (:func:`ring_bytes_sent`), in 2(N-1)
+    steps that each pay the link's one-way latency (Patarasuk and Yuan, 'Bandwidth optimal
+    all-reduce algorithms for clusters of workstations', JPDC 69(2), 2009): ``2(N-1)/N *
+    bytes * 8 / bits_per_second + 2(N-1) * latency``. ``calls`` all-reduces that together
+    move ``n_bytes`` pay the latency ``calls`` times (``--all-reduce plain`` makes one call
+    per gradient array). 0 for one machine.
+    """
+    if n <= 1:
+        return 0.0
+    return (ring_bytes_sent("all_sum", n_bytes, n) * 8 / bits_per_second
+            + 2 * (n - 1) * latency_seconds * calls)
+
+
+def predicted_step_seconds(n: int, compute_seconds: float, fixed_seconds: float,
+                           n_bytes: float, bits_per_second: float, latency_seconds: float,
+                           calls: int = 1) -> float:
+    """The cost model of a data-parallel step on ``n`` machines, in seconds:
+    ``compute / n + fixed + ring_all_reduce_seconds(...)``. ``compute_seconds`` is the
+    1-machine time that splits over machines (forward, backward, data), ``fixed_seconds``
+    what every machine repeats (the optimizer update)."""
+    return (compute_seconds / n + fixed_seconds
+            + ring_all_reduce_seconds(n_bytes, n, bits_per_second, latency_seconds, calls))

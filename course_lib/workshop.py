@@ -31,19 +31,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from course_lib.doctor import Report, check_all_reduce, startup_failure
 from course_lib.hostfile import (Host, HostfileError, parse_mlx_json, parse_openmpi,
                                  read_hostfile, to_mlx_json, to_openmpi, total_slots)
+from course_lib.launch import child_env, mpirun_command
 from course_lib.mpi import MPIError, start_relaying_signals
+from course_lib.ssh import ssh_options
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_HOSTFILE = REPO / "runs" / "workshop" / "hostfile"
-# The options doctor uses: never ask for a password (fail instead), give up on a host that
-# does not answer, and accept a new host's key on first contact (a changed one still fails).
-SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-               "-o", "StrictHostKeyChecking=accept-new"]
+SSH_OPTIONS = ssh_options()  # doctor's too: no password prompt, 10 s to answer, new keys taken
 # What rsync leaves out: git's folder (a worktree's .git is a pointer that means nothing
 # elsewhere), the virtual environment (setup.sh builds one there; --copy-venv sends it),
 # run outputs and caches. Excluded paths there are kept, not deleted.
@@ -70,6 +71,21 @@ def parse_entries(lines: list[str], source: str) -> list[Host]:
             body = f"{name} slots={slots}"
         converted.append(body)
     return parse_openmpi("\n".join(converted) + "\n", source)
+
+
+def read_entries(entries: list[str], file: Path | None) -> list[Host]:
+    """Hosts from ``file`` when given (``ADDR[:SLOTS]`` lines, an OpenMPI hostfile, or an
+    ``mlx.launch`` JSON hostfile), else from the command line's ``entries``
+    (:func:`parse_entries`). Raises :class:`HostfileError` naming the file or argument."""
+    if not file:
+        return parse_entries(entries, "<command line> argument")
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise HostfileError(f"{file}: cannot read it ({e.strerror})") from None
+    if text.lstrip()[:1] in ("[", "{"):
+        return parse_mlx_json(text, str(file))
+    return parse_entries(text.splitlines(), str(file))
 
 
 def _addresses(name: str) -> list[str]:
@@ -144,6 +160,25 @@ def load_hosts(hostfile: Path) -> list[Host]:
         raise HostfileError(f"{hostfile}: no such hostfile: run `python -m "
                             "course_lib.workshop hosts ADDR[:SLOTS] ...` first")
     return resolve_hosts(read_hostfile(hostfile))
+
+
+def cmd_hosts(hosts: list[Host], hostfile: Path) -> int:
+    """The ``hosts`` step: resolve ``hosts`` (this machine first), write both hostfiles at
+    ``hostfile``, print the ranks and the network they will share."""
+    hosts = resolve_hosts(hosts)
+    written = write_hostfiles(hosts, hostfile)
+    n = total_slots(hosts)
+    print(f"hosts: {len(hosts)} host{'s' * (len(hosts) > 1)}, {n} rank{'s' * (n > 1)}; "
+          f"rank 0 on {hosts[0].name} (this machine)")
+    for h in hosts:
+        print(f"  {h.name}  slots={h.slots}  {h.ips[0]}")
+    try:
+        print(f"network: {choose_network(hosts) or 'this machine only'}")
+    except WorkshopError as e:
+        print(f"warning: {e}")
+    print(f"wrote {written[0]} (mpirun) and {written[1]} (mlx.launch)\n"
+          "next: python -m course_lib.workshop keys")
+    return 0
 
 
 # ----------------------------------------------------------------------------- networks
@@ -448,8 +483,6 @@ def link_to_rank0(hosts: list[Host], host: Host, interface: str | None,
                   problems: list) -> tuple[str, bool]:
     """``(cell, ok)``: doctor's all-reduce between rank 0 and ``host`` alone (2 ranks),
     bandwidth in GB/s (1e9 bytes/s) and latency in microseconds, or why it failed."""
-    from course_lib.doctor import Report, check_all_reduce
-
     report = Report(out=io.StringIO())
     with tempfile.TemporaryDirectory() as tmp:
         pair = Path(tmp) / "hostfile"
@@ -513,8 +546,6 @@ def run_command(hosts: list[Host], hostfile: Path, fine_tune_args: list[str],
     (remote ranks get only what is forwarded), and ``--adapter-path
     runs/workshop/adapters`` unless the arguments name one. One slot in all (the others
     left): the fine-tune as one plain process, ``env`` set with ``env(1)``."""
-    from course_lib.launch import mpirun_command
-
     interface = interface or choose_network(hosts)
     args = list(fine_tune_args)
     if "--adapter-path" not in args:
@@ -566,10 +597,6 @@ def who_failed(output: str, hosts: list[Host]) -> tuple[str | None, str] | None:
 
 
 def cmd_run(hosts, hostfile, args, interface, env, dry_run) -> int:
-    from collections import deque
-
-    from course_lib.launch import child_env
-
     cmd = run_command(hosts, hostfile, args, interface, env)
     print(f"run: {shlex.join(cmd)}", flush=True)
     if dry_run:
@@ -599,8 +626,6 @@ def explain_failure(code: int, output: str, hosts: list[Host], args: list[str],
     read from its ``output``: ranks that never started (a network or a daemon problem), a
     stop you asked for (``signalled``: Ctrl-C or SIGTERM), or a rank that died (which host,
     how to go on without it)."""
-    from course_lib.doctor import startup_failure
-
     why = startup_failure(output, interface or choose_network(hosts))
     if why:
         print(f"\nrun: mpirun exited {code} before the fine-tune started: {why}."
@@ -633,7 +658,8 @@ def explain_failure(code: int, output: str, hosts: list[Host], args: list[str],
 
 # ----------------------------------------------------------------------------- CLI
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``[--hostfile PATH] STEP [options]``, one sub-command per step."""
     parser = argparse.ArgumentParser(prog="python -m course_lib.workshop",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--hostfile", type=Path, default=DEFAULT_HOSTFILE,
@@ -659,39 +685,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the mpirun command only")
     p.add_argument("args", nargs=argparse.REMAINDER, help="python -m course_lib.fine_tune "
                    "options, after --")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     hostfile = args.hostfile.resolve()
     try:
         if args.step == "hosts":
             if args.file and args.entries:
                 parser.error("give ADDR[:SLOTS] entries or --file, not both")
-            if args.file:
-                try:
-                    text = args.file.read_text()
-                except OSError as e:
-                    raise HostfileError(f"{args.file}: cannot read it ({e.strerror})") from None
-                hosts = (parse_mlx_json(text, str(args.file)) if text.lstrip()[:1] in ("[", "{")
-                         else parse_entries(text.splitlines(), str(args.file)))
-            elif args.entries:
-                hosts = parse_entries(args.entries, "<command line> argument")
-            else:
+            if not (args.file or args.entries):
                 parser.error("give ADDR[:SLOTS] entries, or --file FILE")
-            hosts = resolve_hosts(hosts)
-            written = write_hostfiles(hosts, hostfile)
-            n = total_slots(hosts)
-            print(f"hosts: {len(hosts)} host{'s' * (len(hosts) > 1)}, {n} rank{'s' * (n > 1)}; "
-                  "rank 0 on "
-                  f"{hosts[0].name} (this machine)")
-            for h in hosts:
-                print(f"  {h.name}  slots={h.slots}  {h.ips[0]}")
-            try:
-                net = choose_network(hosts)
-                print(f"network: {net or 'this machine only'}")
-            except WorkshopError as e:
-                print(f"warning: {e}")
-            print(f"wrote {written[0]} (mpirun) and {written[1]} (mlx.launch)\n"
-                  "next: python -m course_lib.workshop keys")
-            return 0
+            return cmd_hosts(read_entries(args.entries, args.file), hostfile)
         hosts = load_hosts(hostfile)
         if args.step == "keys":
             return cmd_keys(hosts)

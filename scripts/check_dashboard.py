@@ -70,11 +70,11 @@ def find_browser(name: str | None = None) -> str | None:
 def expected_series(run_dir: Path) -> dict[str, tuple[int, float]]:
     """run name -> (last iteration, train loss there) from ``metrics.jsonl``: ``global``
     from the train records, ``rankR-HOST`` from the per-rank records."""
-    from course_lib.fine_tune.reporting import run_name
-    from course_lib.plotting import read_metrics
+    from course_lib import metrics
+    from course_lib.fine_tune.callbacks import run_name
 
     series = {}
-    for r in read_metrics(run_dir):
+    for r in metrics.read(run_dir):
         if r["split"] == "train":
             series["global"] = (r["iteration"], r["loss"])
         elif r["split"] == "rank":

@@ -75,9 +75,9 @@ def fine_tune_cmd(*args) -> list:
 
 def read_train_losses(folder: Path) -> dict[int, float]:
     """iteration -> train loss from a run's metrics.jsonl."""
-    from course_lib.plotting import read_metrics
+    from course_lib import metrics
 
-    return {r["iteration"]: r["loss"] for r in read_metrics(folder) if r["split"] == "train"}
+    return {r["iteration"]: r["loss"] for r in metrics.read(folder) if r["split"] == "train"}
 
 
 def _model_folder(name: str) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import PY, REPO, fine_tune_cmd, mpirun, run
 
-from course_lib.fine_tune.reporting import run_name
+from course_lib.fine_tune.callbacks import run_name
 
 ARGS = ["--iters", "6", "--steps-per-report", "1", "--steps-per-eval", "3", "--val-batches",
         "2", "--batch-size", "8", "--seed", "3", "--report-to", "tensorboard"]
@@ -31,9 +31,9 @@ def two_rank_run(tmp_path_factory, tiny_model):
 
 
 def records(folder: Path, split: str) -> list[dict]:
-    from course_lib.plotting import read_metrics
+    from course_lib import metrics
 
-    return [r for r in read_metrics(folder) if r["split"] == split]
+    return [r for r in metrics.read(folder) if r["split"] == split]
 
 
 def scalars(folder: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -85,9 +85,10 @@ def test_every_rank_reports_its_own_numbers(two_rank_run):
 
 @pytest.mark.distributed
 def test_per_rank_times_plot_one_line_per_rank(two_rank_run, tmp_path):
-    from course_lib.plotting import plot_rank_times, read_metrics
+    from course_lib import metrics
+    from course_lib.plotting import plot_rank_times
 
-    fig = plot_rank_times(read_metrics(two_rank_run), tmp_path / "ranks.png")
+    fig = plot_rank_times(metrics.read(two_rank_run), tmp_path / "ranks.png")
     ranks = records(two_rank_run, "rank")
     for ax, field in zip(fig.axes, ["forward_backward_seconds", "all_reduce_wait_seconds",
                                     "step_seconds"]):
@@ -241,7 +242,7 @@ def test_missing_writer_package_names_the_option(monkeypatch):
     import importlib.util
 
     from course_lib.fine_tune import UsageError
-    from course_lib.fine_tune.reporting import check_report_to
+    from course_lib.fine_tune.callbacks import check_report_to
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

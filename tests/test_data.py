@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import PY, REPO, run
 
-from course_lib import data
+from course_lib import atomic, data
 
 RAW = REPO / "data-sets" / "raw" / "dolly-pirate-sample.jsonl"
 GOOD = {"instruction": "Name a sea.", "context": "", "response": "Arr, the Caribbean!",
@@ -159,6 +159,6 @@ def test_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
     target.write_text('{"text": "old"}\n')
 
     with pytest.raises(TypeError):  # json cannot encode the 2nd row: fails mid-write
-        data.write_jsonl_atomic(target, [{"text": "new"}, {"text": object()}])
+        atomic.write_jsonl(target, [{"text": "new"}, {"text": object()}])
     assert target.read_text() == '{"text": "old"}\n'
     assert os.listdir(tmp_path) == ["train.jsonl"]

@@ -69,10 +69,10 @@ def test_compiled_step_with_phase_timing_follows_it_too(one_rank_run, tmp_path):
     assert _max_rel_diff(read_train_losses(one_rank_run), read_train_losses(tmp_path)) < 1e-4
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["compiled"] is True
-    from course_lib.fine_tune import resolve_compile  # default: compile on a GPU only
+    from course_lib.fine_tune import compile_by_default  # on a GPU only
 
     assert json.loads((one_rank_run / "summary.json").read_text())["compiled"] is \
-        resolve_compile(None)
+        compile_by_default()
     phases = summary["step_seconds"]
     assert list(phases) == ["data", "forward_backward", "wait", "all_reduce", "optimizer"]
     assert all(v >= 0 for v in phases.values()) and phases["forward_backward"] > 0
@@ -87,15 +87,14 @@ def test_scored_logits_give_mlx_lms_loss_and_gradients(tiny_model, sample_data):
     from mlx_lm import load
     from mlx_lm.tuner.trainer import default_loss
 
-    from course_lib.fine_tune import add_adapters, apply_recipe, build_parser, load_data
+    from course_lib.fine_tune import add_adapters, load_data, parse
     from course_lib.fine_tune.batches import pad_batch
     from course_lib.fine_tune.loss import scored_loss
 
-    args = build_parser().parse_args(["--model", "tiny", "--mask-prompt"])
-    apply_recipe(args)
+    plan = parse(["--model", "tiny", "--mask-prompt"])
     model, tokenizer = load(str(tiny_model))
-    train, _ = load_data(sample_data, tokenizer, args)
-    add_adapters(model, args)
+    train, _ = load_data(sample_data, tokenizer, plan)
+    add_adapters(model, plan)
     for multiple in (1, 32):  # the padding of plain and of compiled steps
         batch = pad_batch(train[:6], 512, multiple)  # file order: lengths differ
         lengths = batch[1].tolist()
@@ -360,9 +359,9 @@ def test_warmup_raises_the_learning_rate_linearly_then_holds(tmp_path):
     run(fine_tune_cmd("--iters", "6", "--warmup-steps", "4", "--learning-rate", "4e-4",
                       "--steps-per-report", "1", "--steps-per-eval", "100", "--val-batches", "1",
                       "--adapter-path", tmp_path))
-    from course_lib.plotting import read_metrics
+    from course_lib import metrics
 
-    rates = [r["learning_rate"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    rates = [r["learning_rate"] for r in metrics.read(tmp_path) if r["split"] == "train"]
     assert rates == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 4e-4, 4e-4], rel=1e-5)
     bad = run(fine_tune_cmd("--warmup-steps", "-1", "--adapter-path", tmp_path / "bad"),
               check=False)
@@ -376,7 +375,7 @@ def test_stream_pieces_interleave_rows_and_trim_their_padding():
     import numpy as np
 
     from course_lib.fine_tune.batches import pad_batch
-    from course_lib.fine_tune.step import StreamSplit
+    from course_lib.fine_tune.speed import StreamSplit
 
     rows = [(list(range(1, n + 1)), 2) for n in (3, 5, 9, 17)]  # sorted, as in a batch
     tokens, lengths = pad_batch(rows, 512, 1)
@@ -399,7 +398,7 @@ def test_streams_default_to_the_cores_per_rank_on_a_cpu(monkeypatch):
     import os
 
     from course_lib import blas
-    from course_lib.fine_tune.step import resolve_streams
+    from course_lib.fine_tune.plan import streams_per_rank
 
     import mlx.core as mx
 
@@ -407,18 +406,18 @@ def test_streams_default_to_the_cores_per_rank_on_a_cpu(monkeypatch):
     cores = os.cpu_count() or 1
     monkeypatch.setattr(blas, "blas_threads", lambda: None)  # no OpenBLAS: cores per rank
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
-    assert resolve_streams("auto", rows=64) == min(cores, 64)
-    assert resolve_streams("auto", rows=1) == 1           # never more than the rows
-    assert resolve_streams(3, rows=2) == 2
-    assert resolve_streams("auto", rows=64, sharded=True) == 1
-    assert resolve_streams("auto", rows=64, compiled=True) == 1
-    assert resolve_streams("auto", rows=64, full=True) == 1
-    assert resolve_streams(2, rows=64, full=True) == 2       # asked for: given
+    assert streams_per_rank("auto", rows=64) == min(cores, 64)
+    assert streams_per_rank("auto", rows=1) == 1           # never more than the rows
+    assert streams_per_rank(3, rows=2) == 2
+    assert streams_per_rank("auto", rows=64, sharded=True) == 1
+    assert streams_per_rank("auto", rows=64, compiled=True) == 1
+    assert streams_per_rank("auto", rows=64, full=True) == 1
+    assert streams_per_rank(2, rows=64, full=True) == 2       # asked for: given
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", str(cores))  # a rank per core
-    assert resolve_streams("auto", rows=64) == 1
+    assert streams_per_rank("auto", rows=64) == 1
     # With OpenBLAS, the threads this rank was given (the lab's one-core hosts get 1).
     monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE")
     monkeypatch.setattr(blas, "blas_threads", lambda: 1)
-    assert resolve_streams("auto", rows=64) == 1
+    assert streams_per_rank("auto", rows=64) == 1
     monkeypatch.setattr(blas, "blas_threads", lambda: 3)
-    assert resolve_streams("auto", rows=64) == 3
+    assert streams_per_rank("auto", rows=64) == 3

@@ -26,7 +26,7 @@ def test_fine_tune_runs_on_the_gpu_compiled_or_not(tmp_path):
     run(fine_tune_cmd(*SHORT, "--adapter-path", tmp_path / "plain"))
     run(fine_tune_cmd(*SHORT, "--compile", "--adapter-path", tmp_path / "compiled"))
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
-    assert plain["compiled"] is False  # resolve_compile: not on CUDA (measured slower)
+    assert plain["compiled"] is False  # compile_by_default: not on CUDA (measured slower)
     assert plain["final_train_loss"] < plain["first_train_loss"]
     one, two = read_train_losses(tmp_path / "plain"), read_train_losses(tmp_path / "compiled")
     assert max(abs(one[k] - two[k]) / one[k] for k in one) < 1e-4

@@ -1,6 +1,6 @@
 """The two-host lab (course_lib.lab): real SSH and MPI between two network namespaces,
 with shaped links. The lab tests need root and Linux (CI has both) and skip elsewhere,
-saying why; the cost-model tests run anywhere."""
+saying why; the cost-model tests (course_lib.traffic) run anywhere."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 from conftest import PY, REPO, fine_tune_cmd, json_objects, read_train_losses, run
 
 from course_lib import lab as labmod
+from course_lib import traffic
 from course_lib.lab import ADDRESSES, HOSTNAMES, HOSTS, SHAPES, Lab, LabError
+from course_lib.lab_experiments import run_shape_blocks
 from course_lib.mpi import find_open_mpi
 
 REASON = labmod.unavailable_reason()
@@ -199,13 +201,13 @@ def test_link_shapes_set_bandwidth_and_step_time(tiny_model, scratch):
         emulated = lab.status()["latency_emulated"]
         attempts = []
         for _ in range(2):
-            steps = lab.run_shape_blocks(cmd, out / "metrics.jsonl", shapes, block, cycles,
-                                         timeout=300)
+            steps = run_shape_blocks(lab, cmd, out / "metrics.jsonl", shapes, block, cycles,
+                                     timeout=300)
             n_bytes = json.loads((out / "summary.json").read_text())["trainable_parameters"] * 4
             median = {s: statistics.median(r["seconds"] for r in steps[s]) for s in shapes}
 
             def model(s, bits_per_second, n_bytes=n_bytes):  # latency only where emulated
-                return labmod.ring_all_reduce_seconds(
+                return traffic.ring_all_reduce_seconds(
                     n_bytes, 2, bits_per_second, SHAPES[s].latency_seconds if emulated else 0)
 
             # The cost model with the bandwidth the wifi link delivered above (within 30% of
@@ -249,13 +251,13 @@ def test_down_removes_a_half_built_lab(monkeypatch):
 
 def test_cost_model_ring_all_reduce():
     # 2 machines: each sends and receives the whole payload once, plus 2 latencies.
-    assert labmod.ring_all_reduce_seconds(1e6, 2, 8e9, 1e-3) == pytest.approx(1e-3 + 2e-3)
+    assert traffic.ring_all_reduce_seconds(1e6, 2, 8e9, 1e-3) == pytest.approx(1e-3 + 2e-3)
     # N machines: 2(N-1)/N of the payload, 2(N-1) latencies per call.
-    assert labmod.ring_all_reduce_seconds(4e6, 4, 8e9, 1e-4, calls=3) == pytest.approx(
+    assert traffic.ring_all_reduce_seconds(4e6, 4, 8e9, 1e-4, calls=3) == pytest.approx(
         1.5 * 4e6 / 1e9 + 6 * 1e-4 * 3)
-    assert labmod.ring_all_reduce_seconds(1e9, 1, 1e9, 1.0) == 0.0
-    step = labmod.predicted_step_seconds(4, 0.8, 0.01, 4e6, 8e9, 1e-4, calls=3)
-    assert step == pytest.approx(0.2 + 0.01 + labmod.ring_all_reduce_seconds(4e6, 4, 8e9, 1e-4, 3))
+    assert traffic.ring_all_reduce_seconds(1e9, 1, 1e9, 1.0) == 0.0
+    step = traffic.predicted_step_seconds(4, 0.8, 0.01, 4e6, 8e9, 1e-4, calls=3)
+    assert step == pytest.approx(0.2 + 0.01 + traffic.ring_all_reduce_seconds(4e6, 4, 8e9, 1e-4, 3))
 
 
 def test_shapes_are_cited_and_ordered():

@@ -35,17 +35,15 @@ def test_parameter_counts_are_the_models(model):
 
 @pytest.mark.parametrize("ftype,layers", [("lora", 2), ("lora", -1), ("full", 3)])
 def test_trainable_count_is_what_the_fine_tune_trains(model, ftype, layers):
-    from course_lib.fine_tune import add_adapters, apply_recipe, build_parser
+    from course_lib.fine_tune import add_adapters, parse
 
     from mlx_lm import load
 
     config, _, name = model
-    args = build_parser().parse_args(["--model", "tiny", "--fine-tune-type", ftype,
-                                      "--num-layers", str(layers)])
-    apply_recipe(args)
+    plan = parse(["--model", "tiny", "--fine-tune-type", ftype, "--num-layers", str(layers)])
     fresh, _ = load(resolve(name), lazy=True)
-    n, _ = add_adapters(fresh, args)
-    assert memory.trainable_count(config, ftype, n, args.lora_rank) == _size(
+    n, _ = add_adapters(fresh, plan)
+    assert memory.trainable_count(config, ftype, n, plan.lora_rank) == _size(
         fresh.trainable_parameters())
 
 

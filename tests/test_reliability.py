@@ -136,9 +136,9 @@ def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float 
 
 
 def _records(out: Path) -> list[dict]:
-    from course_lib.plotting import read_metrics_so_far
+    from course_lib import metrics
 
-    return read_metrics_so_far(out / "metrics.jsonl")
+    return metrics.read(out, missing_ok=True)
 
 
 def _finish(proc: subprocess.Popen, since: float) -> tuple[str, str, float]:

@@ -129,7 +129,8 @@ def test_two_sharded_ranks_follow_one_rank_and_save_its_weights(one_rank, tmp_pa
     if mode == "fsdp":  # the bytes course_lib.memory explains, to the token count's 4 bytes
         from course_lib import memory
 
-        built = memory.traffic(memory.model_config("tiny"), "fsdp", 2, 8, 64, ftype, -1, 8)
+        built = memory.collective_bytes(memory.model_config("tiny"), "fsdp", 2, 8, 64, ftype,
+                                        -1, 8)
         assert abs(sent - built["as_built"]) <= 8
     else:  # activations: the rows' width varies
         assert sent > 0

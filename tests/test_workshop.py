@@ -203,9 +203,9 @@ def classroom():
 
 
 def _records(folder: Path) -> list[dict]:
-    from course_lib.plotting import read_metrics_so_far
+    from course_lib import metrics
 
-    return read_metrics_so_far(folder / "metrics.jsonl")
+    return metrics.read(folder, missing_ok=True)
 
 
 def _row(output: str, host: str) -> str:

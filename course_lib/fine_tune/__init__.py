@@ -32,14 +32,19 @@ with ``--report-to tensorboard``, TensorBoard event files in ``tensorboard/``
 (``python -m course_lib.monitor ADAPTER_PATH`` serves them). Every file is written
 atomically (:mod:`course_lib.atomic`), and one run at a time (a lock, ``.fine_tune.lock``).
 
-The package, one job a module: ``options`` (the command line and each model's recipe),
-``inputs`` (model, data, adapters), ``batches`` (the global batch order, each rank's share),
-``loss`` (the loss, with logits for every position or only scored ones), ``step``
-(gradients, on concurrent streams with ``--streams``, all-reduce, update), ``sharding`` (``--sharding fsdp | tensor``: each rank holds
-1/N of the model), ``loop`` (steps, reports, validation, checkpoints), ``reporting`` (every
-rank's numbers on rank 0, ``--report-to``), ``outputs`` (what rank 0 writes, and the
+The package, one job a module, in the order a run meets them: ``options`` (the command
+line and each model's recipe), ``plan`` (the options resolved once into a frozen ``Plan``,
+every check made), ``errors`` (``UsageError`` and the exit statuses), ``inputs`` (model,
+data, adapters), ``sharding`` (``--sharding fsdp | tensor``: each rank holds 1/N of the
+model), ``resume`` (a fresh start or a checkpoint continued exactly), ``batches`` (the
+global batch order, each rank's share), ``loss`` (the loss, with logits for every position
+or only scored ones), ``step`` (gradients, ``average_gradients``, the update), ``speed``
+(streams, compilation and the phase timer: what the step has only for speed), ``loop``
+(steps, validation, checkpoints), ``reporting`` (records, log lines, every rank's numbers
+on rank 0), ``callbacks`` (``--report-to``), ``outputs`` (what rank 0 writes, and the
 folder's lock), ``interrupts`` (Ctrl-C, SIGTERM and failed writes stop every rank
-together), ``faults`` (dead and hung ranks) and ``cli`` (``run`` and ``main``).
+together), ``faults`` (dead and hung ranks; the faults tests cause are
+:mod:`course_lib.fault_injection`'s) and ``cli`` (``run`` and ``main``).
 """
 
 from __future__ import annotations
@@ -48,23 +53,27 @@ from __future__ import annotations
 # __main__ switches BLAS (course_lib.blas), which must happen before MLX loads. So the
 # names below are imported from their modules on first use (PEP 562).
 _EXPORTS = {
-    "options": ["UsageError", "build_parser", "RECIPES", "recipe_for", "apply_recipe",
-                "resolve_lora_parameters", "check_options", "DEFAULT_DATA",
+    "options": ["build_parser", "RECIPES", "recipe_for", "apply_recipe", "DEFAULT_DATA",
                 "DEFAULT_ADAPTER_PATH"],
-    "inputs": ["load_model", "load_split", "load_data", "add_adapters", "load_resume_weights"],
+    "plan": ["Plan", "resolve", "parse", "lora_parameters", "compile_by_default",
+             "all_reduce_form", "streams_per_rank"],
+    "errors": ["UsageError", "exit_status"],
+    "inputs": ["Rows", "load_model", "load_split", "load_data", "add_adapters",
+               "load_resume_weights", "check_ranks_agree"],
     "outputs": ["Outputs", "FolderLock", "FolderInUse", "METRICS_FILE", "SUMMARY_FILE",
                 "PLOT_FILE", "ADAPTER_FILE", "CONFIG_FILE", "LOCK_FILE"],
     "loss": ["scored_loss", "loss_function", "output_layer"],
-    "step": ["PhaseTimer", "resolve_all_reduce", "resolve_compile", "resolve_streams",
-             "order_for_streams",
-             "StreamSplit", "make_step", "training_loss"],
+    "step": ["average_gradients", "token_sums_function", "make_step", "make_optimizer",
+             "learning_rate_schedule"],
+    "speed": ["PhaseTimer", "StreamSplit", "order_for_streams", "compile_step"],
     "batches": ["GlobalBatches", "pad_batch"],
-    "faults": ["Watchdog", "peer_lost_message", "maybe_fault", "arm_timed_fault"],
+    "faults": ["Watchdog", "peer_lost_message"],
     "interrupts": ["StopAgreement", "Interrupted", "StoppedByRankZero", "resume_command"],
-    "loop": ["train", "validation_loss"],
-    "reporting": ["Reporter", "TensorBoardCallback", "reporting_callbacks", "check_report_to",
-                  "gather_hosts", "run_name"],
-    "cli": ["run", "main", "run_settings", "resume_point"],
+    "loop": ["train", "validation_loss", "Start"],
+    "reporting": ["Reporter", "Window", "gather_hosts", "log"],
+    "callbacks": ["TensorBoardCallback", "reporting_callbacks", "check_report_to", "run_name"],
+    "resume": ["run_settings", "resume_point", "start_from"],
+    "cli": ["run", "main"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -1,5 +1,6 @@
-"""``python -m course_lib.fine_tune``: read the options, start the world, load, resume or
-start, train, write the summary; errors as one clear line and an exit status."""
+"""``python -m course_lib.fine_tune``: read the options, start the world, resolve the plan,
+load, resume or start, train, write the summary; errors as one clear line and an exit
+status (:mod:`course_lib.fine_tune.errors`)."""
 
 from __future__ import annotations
 
@@ -10,113 +11,30 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.optimizers as optim
 
-from course_lib import allocator, checkpoint, models
+from course_lib import allocator, blas, checkpoint
 from course_lib import distributed as dist
 from course_lib.atomic import WriteError
 from course_lib.data import DataError
+from course_lib.fine_tune import errors
+from course_lib.fine_tune.errors import UsageError
 from course_lib.fine_tune.faults import peer_lost_message
-from course_lib.fine_tune.inputs import add_adapters, load_data, load_model, load_resume_weights
-from course_lib.fine_tune.interrupts import (Interrupted, StopAgreement, StoppedByRankZero,
-                                             resume_command)
+from course_lib.fine_tune.inputs import add_adapters, check_ranks_agree, load_data, load_model
+from course_lib.fine_tune.interrupts import Interrupted, StoppedByRankZero, resume_command
 from course_lib.fine_tune.loop import train
-from course_lib.mpi import handle_relayed_signals
-from course_lib.fine_tune.options import (DEFAULT_DATA, UsageError, apply_recipe, build_parser,
-                                          check_options)
+from course_lib.fine_tune.options import build_parser
 from course_lib.fine_tune.outputs import Outputs
-from course_lib.fine_tune.sharding import check_sharding, shard_model
-from course_lib.fine_tune.step import order_for_streams, resolve_all_reduce, resolve_compile
-
-
-def run_settings(args, model_id: str, num_layers: int, lora_parameters, data_dir: Path,
-                 world_size: int) -> dict:
-    """What decides a run's trajectory; a checkpoint continues only under equal settings.
-
-    The world size counts only where it changes the numbers: with ``--loss-weighting
-    ranks`` (the mean of per-rank means depends on the split) or LoRA dropout (masks are
-    drawn per rank). Otherwise N ranks compute the 1-rank update, so a checkpoint from 2
-    ranks may continue on 1 or 4.
-    """
-    settings = {
-        "model": models.identity(model_id), "fine_tune_type": args.fine_tune_type,
-        "num_layers": num_layers, "lora_parameters": lora_parameters, "batch_size": args.batch_size, "seed": args.seed,
-        "grad_accumulation_steps": args.grad_accumulation_steps,
-        "max_seq_length": args.max_seq_length, "mask_prompt": args.mask_prompt,
-        "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
-        "loss_weighting": args.loss_weighting,
-        "train_data": checkpoint.fingerprint(data_dir / "train.jsonl"),
-    }
-    if args.loss_weighting == "ranks" or (lora_parameters or {}).get("dropout", 0) > 0:
-        settings["world_size"] = world_size
-    return settings
-
-
-def check_ranks_agree(group, **values) -> None:
-    """Raise :class:`UsageError` on every rank when ``values`` (numbers, or strings compared
-    by a CRC-32) differ between ranks: a host with another model or other data would
-    train something else, and a rank that skipped a collective the others make would block
-    them. Two small all-reduces (``all_max`` and ``all_min``); nothing at one rank."""
-    import zlib
-
-    if group.size() == 1:
-        return
-    numbers = [zlib.crc32(v.encode()) & 0xFFFFFF if isinstance(v, str) else v
-               for v in values.values()]  # 24 bits: exact in float32
-    here = mx.array(numbers, dtype=mx.float32)
-    high = mx.distributed.all_max(here, group=group).tolist()
-    low = mx.distributed.all_min(here, group=group).tolist()
-    differ = [k.replace("_", " ") for k, h, lo in zip(values, high, low) if h != lo]
-    if differ:
-        raise UsageError(f"the ranks do not agree on their inputs: {', '.join(differ)} differ "
-                         "between ranks; give every host the same model and data (the same "
-                         "checkout and set-up at the same path)")
-
-
-def learning_rate_schedule(args):
-    """Adam's learning rate: ``--learning-rate``, or with ``--warmup-steps W`` a linear
-    warm-up to it: step k (from 0) uses ``lr * min(k + 1, W) / W`` (Goyal et al. 2017, for
-    large global batches). A function of the optimizer's step count, so it resumes
-    exactly."""
-    lr, warmup = args.learning_rate, args.warmup_steps
-    if not warmup:
-        return lr
-    return lambda step: lr * mx.minimum(step + 1, warmup).astype(mx.float32) / warmup
-
-
-def resume_point(args, group) -> tuple[Path, int] | None:
-    """``(folder, iteration)`` of the checkpoint to continue, or None for a fresh start.
-
-    ``--resume``: the newest complete checkpoint in ``--adapter-path``.
-    ``--resume-adapter-file 000000N_adapters.safetensors`` with its state file beside it:
-    that checkpoint. Decided on rank 0 (which holds the files) and sent to every rank, so
-    all ranks agree, also on the error: :class:`UsageError` when ``--resume`` finds none.
-    """
-    decision = None
-    if group.rank() == 0:
-        if args.resume:
-            folder = Path(args.adapter_path)
-            it = checkpoint.latest(folder)
-            decision = ({"folder": str(folder), "iteration": it} if it is not None else
-                        {"error": f"--resume: no complete checkpoint in {folder} (a checkpoint "
-                                  "is NNNNNNN_adapters.safetensors, NNNNNNN_optimizer."
-                                  "safetensors and NNNNNNN_state.json)"})
-        elif args.resume_adapter_file:
-            it = checkpoint.iteration_of(args.resume_adapter_file)
-            if it is not None:
-                decision = {"folder": str(Path(args.resume_adapter_file).parent),
-                            "iteration": it}
-    decision = checkpoint.broadcast_json(decision, group)
-    if decision is None:
-        return None
-    if "error" in decision:
-        raise UsageError(decision["error"])
-    return Path(decision["folder"]), decision["iteration"]
-
+from course_lib.fine_tune.plan import resolve
+from course_lib.fine_tune.reporting import log
+from course_lib.fine_tune.resume import run_settings, start_from
+from course_lib.fine_tune.sharding import shard_model
+from course_lib.fine_tune.speed import order_for_streams
+from course_lib.fine_tune.step import make_optimizer
+from course_lib.mpi import handle_relayed_signals
 
 
 def run(args) -> dict:
-    """Fine-tune as ``args`` say (see :func:`build_parser`); return the summary.
+    """Fine-tune as ``args`` (:func:`build_parser`'s namespace) say; return the summary.
 
     Raises :class:`UsageError` / :class:`course_lib.data.DataError` on bad input before
     anything is written into ``--adapter-path``, and :class:`FolderInUse` (a UsageError)
@@ -126,102 +44,62 @@ def run(args) -> dict:
     :mod:`course_lib.fine_tune.interrupts`).
     """
     t_start = time.perf_counter()
-    order_for_streams(args)  # before anything evaluates
     allocator.keep_freed_memory()  # before the model's arrays are allocated
     group, backend = dist.init_world(args.backend)
-    size, rank = group.size(), group.rank()
-    recipe = apply_recipe(args)
-    check_options(args, size)
-    check_sharding(args, size)
-
-    def log(msg, bar=None):
-        """Print on rank 0. While a progress bar is shown, through the bar on its stream
-        (stderr), so that lines and bar stay whole also when mpirun forwards stdout and
-        stderr separately; otherwise on stdout."""
-        if rank != 0:
-            return
-        if hasattr(bar, "write"):
-            bar.write(msg, file=sys.stderr)
-        else:
-            print(msg, flush=True)
-
-    data_dir = Path(args.data) if args.data else DEFAULT_DATA
-    model, tokenizer, model_id = load_model(args.model, lazy=args.sharding != "none",
-                                            seed=args.seed)
-    train_rows, valid_rows = load_data(data_dir, tokenizer, args)
-    num_layers, lora_parameters = add_adapters(model, args)
-    sharding = shard_model(model, args, group)  # before any weight is read, when lazy
-    settings = run_settings(args, model_id, num_layers, lora_parameters, data_dir, size)
+    plan = resolve(args, group.size(), backend, group.rank())
+    order_for_streams(plan)  # before anything evaluates
+    model, tokenizer, model_id = load_model(plan.model, lazy=plan.sharding != "none",
+                                            seed=plan.seed)
+    rows = load_data(plan.data, tokenizer, plan)
+    num_layers, lora_parameters = add_adapters(model, plan)
+    sharding = shard_model(model, plan, group)  # before any weight is read, when lazy
+    settings = run_settings(plan, model_id, num_layers, lora_parameters)
     check_ranks_agree(group, model=settings["model"], training_data=settings["train_data"],
-                      training_rows=len(train_rows), validation_rows=len(valid_rows))
-    optimizer = optim.Adam(learning_rate=learning_rate_schedule(args))
-    optimizer.init(model.trainable_parameters())
-
-    start, data_state = 0, None
-    resume = resume_point(args, group)
-    if resume is not None:
-        folder, start = resume
-        saved = checkpoint.read_state(folder, start, group)
-        problems = checkpoint.mismatches(saved["settings"], settings)
-        if problems:
-            raise UsageError(f"cannot continue the checkpoint at iteration {start} in {folder} "
-                             "exactly; these settings differ: " + "; ".join(problems))
-        if args.iters <= start:
-            raise UsageError(f"--iters {args.iters}: the checkpoint is already at iteration "
-                             f"{start}; ask for more iterations to continue")
-        try:
-            checkpoint.restore(folder, start, model, optimizer, group, sharding)
-        except ValueError as e:
-            raise UsageError(f"cannot continue the checkpoint at iteration {start} in "
-                             f"{folder}: {e}") from e
-        data_state = saved["data_order"]
-        log(f"Resuming from the checkpoint at iteration {start} in {folder}")
-    elif args.resume_adapter_file:  # a plain adapter file: mlx_lm's meaning, weights only
-        load_resume_weights(model, args.resume_adapter_file, sharding)
-        log(f"Starting from the weights in {args.resume_adapter_file} (no checkpoint state "
-            "beside it: optimizer and data order start afresh)")
-
+                      training_rows=len(rows.train), validation_rows=len(rows.valid))
+    optimizer = make_optimizer(plan, model)
+    start = start_from(plan, model, optimizer, sharding, settings)
     held = sharding.describe(model)
-    n_train, n_total = held["trainable"], held["parameters"]
-    log(f"{backend} backend, world size {size}: global batch {args.batch_size}, "
-        f"{args.batch_size // sharding.data_share()[1]} rows per rank; {len(train_rows)} "
-        f"train / {len(valid_rows)} valid rows")
-    log(f"Recipe {recipe}: {args.iters} steps, learning rate {args.learning_rate:g}, "
-        f"LoRA rank {args.lora_rank}, mask prompt {'on' if args.mask_prompt else 'off'}")
-    log(f"Trainable parameters: {100 * n_train / n_total:.3f}% "
-        f"({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M), {args.fine_tune_type}, "
-        f"{num_layers} layers")
-    for note in sharding.notes:
-        log(f"Sharding {note}; this rank holds {held['parameters_held'] / 1e6:.3f}M "
-            f"parameters ({held['trainable_held'] / 1e6:.3f}M trainable)")
-
-    config = dict(vars(args))
-    config.update(model=model_id, model_name=args.model,
-                  data=str(args.data) if args.data else "default sample (data-sets/pirate)",
-                  num_layers=num_layers, lora_parameters=lora_parameters,
-                  world_size=size, backend=backend)
-    outputs = Outputs(Path(args.adapter_path), enabled=rank == 0)
+    _log_plan(plan, rows, held, num_layers, sharding)
+    config = {**plan.options, "model": model_id, "model_name": plan.model,
+              "data": str(plan.options["data"]) if plan.options["data"] else
+              "default sample (data-sets/pirate)", "num_layers": num_layers,
+              "lora_parameters": lora_parameters, "world_size": group.size(),
+              "backend": backend}
+    outputs = Outputs(Path(plan.adapter_path), enabled=group.rank() == 0)
     try:
-        kept = start_outputs(outputs, config, start if resume is not None else None, group)
-        with StopAgreement(group) as stop:  # Ctrl-C and SIGTERM stop every rank together
-            history, stats = train(model, optimizer, train_rows, valid_rows, args, group,
-                                   outputs, log, settings, start=start, data_state=data_state,
-                                   history=kept, stop=stop, sharding=sharding)
-        peaks = mx.array([mx.get_peak_memory() / 1e9])  # each rank's, before the final save
-        peaks = (mx.distributed.all_gather(peaks, group=group) if size > 1 else peaks).tolist()
-        summary = _summary(args, backend, group, config, n_train,
-                           start if resume is not None else None, history, stats,
-                           time.perf_counter() - t_start, sharding)
-        summary.update(sharding=held, peak_memory_gb_per_rank=peaks,
-                       collective_bytes_per_step=sharding.traffic.summary(args.iters - start))
+        start.history = start_outputs(outputs, config, start.iteration or None, group)
+        history, stats = train(model, optimizer, rows, plan, sharding, outputs, start)
+        summary = summarize(plan, config, held, start.iteration or None, history, stats,
+                            time.perf_counter() - t_start, sharding)
         outputs.adapters(sharding.whole(model)[0])
         outputs.finish(summary, history)
     finally:
         outputs.close()
     log(f"Done in {summary['seconds']:.1f} s ({summary['tokens_per_second']:.0f} tokens/s "
         f"training). Adapters, loss.png, metrics.jsonl and summary.json are in "
-        f"{args.adapter_path}")
+        f"{plan.adapter_path}")
     return summary
+
+
+def _log_plan(plan, rows, held: dict, num_layers: int, sharding) -> None:
+    """The run's first lines: world, batch, data, recipe, what is trained and held."""
+    n_train, n_total = held["trainable"], held["parameters"]
+    log(f"{plan.backend} backend, world size {plan.world_size}: global batch "
+        f"{plan.batch_size}, {plan.batch_size // sharding.data_share()[1]} rows per rank; "
+        f"{len(rows.train)} train / {len(rows.valid)} valid rows")
+    log(f"Recipe {plan.recipe}: {plan.iters} steps, learning rate {plan.learning_rate:g}, "
+        f"LoRA rank {plan.lora_rank}, mask prompt {'on' if plan.mask_prompt else 'off'}")
+    log(f"Trainable parameters: {100 * n_train / n_total:.3f}% "
+        f"({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M), {plan.fine_tune_type}, "
+        f"{num_layers} layers")
+    for note in sharding.notes:
+        log(f"Sharding {note}; this rank holds {held['parameters_held'] / 1e6:.3f}M "
+            f"parameters ({held['trainable_held'] / 1e6:.3f}M trainable)")
+    if plan.streams > 1:  # speed.StreamSplit shares each rank's OpenBLAS threads out
+        threads = blas.blas_threads()
+        log(f"Each rank computes its rows as {plan.streams} pieces on concurrent MLX streams "
+            f"(--streams; OpenBLAS {max(1, threads // plan.streams) if threads else '?'} "
+            "thread(s) per stream)")
 
 
 def start_outputs(outputs: Outputs, config: dict, resume_from: int | None, group) -> list:
@@ -234,31 +112,32 @@ def start_outputs(outputs: Outputs, config: dict, resume_from: int | None, group
         kept = outputs.start(config, resume_from=resume_from)
     except (UsageError, WriteError) as e:
         error = e
-    status = checkpoint.broadcast_json(None if error is None else
-                                       2 if isinstance(error, UsageError) else 5, group)
+    status = dist.broadcast_json(None if error is None else errors.exit_status(error), group)
     if status is not None:
         raise error if group.rank() == 0 else StoppedByRankZero(status)
     return kept
 
 
-def _summary(args, backend, group, config, n_train, resumed_from, history, stats,
-             seconds, sharding) -> dict:
-    """What ``summary.json`` holds (see the package's docstring), less what ``run`` adds
-    about sharding."""
-    size = group.size()
+def summarize(plan, config: dict, held: dict, resumed_from: int | None, history: list,
+              stats: dict, seconds: float, sharding) -> dict:
+    """What ``summary.json`` holds (see the package's docstring). Collective: every rank's
+    peak memory is gathered (before the final save)."""
+    peaks = mx.array([mx.get_peak_memory() / 1e9])
+    peaks = (mx.distributed.all_gather(peaks, group=sharding.group)
+             if plan.world_size > 1 else peaks).tolist()
     # Windows that scored no token have no loss (NaN in memory, null once read back).
     has_loss = lambda h: h["loss"] is not None and h["loss"] == h["loss"]  # noqa: E731
     train_losses = [h["loss"] for h in history if h["split"] == "train" and has_loss(h)]
     valid_losses = [h["loss"] for h in history if h["split"] == "valid" and has_loss(h)]
     summary = {
-        "backend": backend,
-        "world_size": size,
-        "iterations": args.iters,
-        "global_batch": args.batch_size,
-        "per_rank_batch": args.batch_size // sharding.data_share()[1],
-        "loss_weighting": args.loss_weighting,
-        "all_reduce": resolve_all_reduce(args.all_reduce, group),
-        "compiled": resolve_compile(args.compile),
+        "backend": plan.backend,
+        "world_size": plan.world_size,
+        "iterations": plan.iters,
+        "global_batch": plan.batch_size,
+        "per_rank_batch": plan.batch_size // sharding.data_share()[1],
+        "loss_weighting": plan.loss_weighting,
+        "all_reduce": plan.all_reduce,
+        "compiled": plan.compile,
         "loss": stats["loss"],
         "streams_per_rank": stats["streams"],
         "seconds": seconds,
@@ -272,21 +151,22 @@ def _summary(args, backend, group, config, n_train, resumed_from, history, stats
         "peak_memory_gb": max((h["peak_memory_gb"] for h in history if "peak_memory_gb" in h),
                               default=None),
         "model": config["model"],
-        "trainable_parameters": n_train,
+        "trainable_parameters": held["trainable"],
         "mlx_version": mx.__version__,
         "blas": os.environ.get("COURSE_LIB_FAST_BLAS_ACTIVE", "bundled"),
         "resumed_from": resumed_from,
     }
     if "step_seconds" in stats:  # mean seconds per step in each phase (rank 0's clock)
         summary["step_seconds"] = stats["step_seconds"]
+    summary.update(sharding=held, peak_memory_gb_per_rank=peaks,
+                   collective_bytes_per_step=sharding.traffic.summary(
+                       plan.iters - (resumed_from or 0)))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point. Exit status: 0 done; 2 bad input or ``--adapter-path`` in use by a
-    live run; 3 no step for ``--step-timeout`` s (:class:`Watchdog`); 4 a ring peer lost;
-    5 an output could not be written; 128 + N stopped by signal N (130 Ctrl-C, 143
-    SIGTERM). Each with one clear line (on rank 0 for 5 and 128 + N)."""
+    """CLI entry point; returns the exit status (:mod:`course_lib.fine_tune.errors`), each
+    failure with one clear line (on rank 0 for a failed write and a signal)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     handle_relayed_signals()
     args = build_parser().parse_args(argv)
@@ -296,20 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError) as e:
         prefix = "" if dist.world_size() == 1 else f"[rank {dist.rank()}] "
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return errors.exit_status(e)
     except WriteError as e:  # rank 0; the others stop with StoppedByRankZero
         print(f"error: {e}. {_what_is_kept(folder)}", file=sys.stderr, flush=True)
-        return 5
+        return errors.exit_status(e)
     except StoppedByRankZero as e:
-        return e.exit_status
+        return errors.exit_status(e)
     except Interrupted as e:
         if dist.rank() == 0:
             print(_interrupted_message(e, args, argv), file=sys.stderr, flush=True)
-        return e.exit_status
-    except KeyboardInterrupt:  # before training started (then StopAgreement handles it)
+        return errors.exit_status(e)
+    except KeyboardInterrupt as e:  # before training started (then StopAgreement handles it)
         print("Interrupted before training started; nothing to save.", file=sys.stderr,
               flush=True)
-        return 128 + signal.SIGINT
+        return errors.exit_status(e)
     except RuntimeError as e:
         # The ring backend raises when a peer's connection drops (a rank died); MPI instead
         # has mpirun end every rank and name the dead one itself.
@@ -320,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--resume" if last is not None else "no checkpoint was written yet")
         print(f"error: {peer_lost_message(dist.world(), 'ring', e)} Stopping; {kept}.",
               file=sys.stderr, flush=True)
-        return 4
+        return errors.PEER_LOST
     return 0
 
 

@@ -1,11 +1,14 @@
-"""When a rank dies or hangs: the message that names it, the watchdog that ends a rank
-whose peer stopped answering, and the test hooks that cause both on purpose."""
+"""When a rank dies or hangs: the message that names it, and the watchdog that ends a rank
+whose peer stopped answering. The test hooks that cause both on purpose are in
+:mod:`course_lib.fault_injection`."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
+
+from course_lib.fine_tune.errors import HUNG
 
 
 def peer_lost_message(group, backend: str, error: Exception | str) -> str:
@@ -43,42 +46,4 @@ class Watchdog:
                 print(f"rank {self.rank}: no step finished for {self.timeout:.0f} s "
                       "(--step-timeout); another rank is probably stopped or unreachable. "
                       "Exiting; continue later with --resume.", file=sys.stderr, flush=True)
-                os._exit(3)
-
-
-def maybe_fault(rank: int, where: int | str) -> None:
-    """Test hooks, set by ``COURSE_LIB_FAULT``: ``kill-rank-R@N`` SIGKILLs rank R when step
-    N starts (a crash); ``stop-rank-R@N`` SIGSTOPs it (a closed laptop: alive but silent);
-    ``kill-rank-R@eval-N`` SIGKILLs it as the validation at step N starts (N may be 0).
-    (``kill-in-save@N``, in the middle of rank 0's checkpoint save, lives in
-    :mod:`course_lib.checkpoint`; ``kill-rank-R@after-Ts`` in :func:`arm_timed_fault`.)
-    Each prints ``fault injected: ...`` with the time (``time.time()``, seconds) first."""
-    import signal
-
-    fault = os.environ.get("COURSE_LIB_FAULT")
-    if fault == f"kill-rank-{rank}@{where}":
-        _inject(fault, rank, signal.SIGKILL)
-    if fault == f"stop-rank-{rank}@{where}":
-        _inject(fault, rank, signal.SIGSTOP)
-
-
-def arm_timed_fault(rank: int) -> None:
-    """Test hook: ``COURSE_LIB_FAULT=kill-rank-R@after-Ts`` SIGKILLs rank R ``T`` seconds
-    (a float) after training starts, wherever it then is: in a step, an all-reduce, a
-    validation or a save (the soak test's random moment)."""
-    import re
-    import signal
-    import threading
-
-    fault = os.environ.get("COURSE_LIB_FAULT", "")
-    m = re.fullmatch(rf"kill-rank-{rank}@after-([0-9.]+)s", fault)
-    if m:
-        timer = threading.Timer(float(m.group(1)), _inject, (fault, rank, signal.SIGKILL))
-        timer.daemon = True
-        timer.start()
-
-
-def _inject(fault: str, rank: int, signum: int) -> None:
-    print(f"fault injected: {fault}: {signum.name} rank {rank} at {time.time():.3f}",
-          file=sys.stderr, flush=True)
-    os.kill(os.getpid(), signum)
+                os._exit(HUNG)

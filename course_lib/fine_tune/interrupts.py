@@ -35,6 +35,7 @@ import time
 
 import mlx.core as mx
 
+from course_lib.fine_tune.errors import stopped_by
 from course_lib.mpi import RELAYS
 
 # What a relayed signal stands for (course_lib.mpi.RELAYS is the other side).
@@ -59,8 +60,8 @@ class Interrupted(Exception):
 
     @property
     def exit_status(self) -> int:
-        """128 + the signal number, the shell's convention (130 for SIGINT, 143 SIGTERM)."""
-        return 128 + self.signum
+        """128 + the signal number (:func:`course_lib.fine_tune.errors.stopped_by`)."""
+        return stopped_by(self.signum)
 
 
 class StoppedByRankZero(Exception):
@@ -192,7 +193,7 @@ class StopAgreement:
                     elif s == signal.SIGINT:
                         self._say("second Ctrl-C: exiting now; the last complete checkpoint "
                                   "is whole", every_rank=True)
-                        os._exit(128 + signal.SIGINT)
+                        os._exit(stopped_by(signal.SIGINT))
         finally:
             os.close(r)
 
@@ -200,7 +201,7 @@ class StopAgreement:
         self._say(f"did not stop within {grace:.0f} s of {signal.Signals(s).name} "
                   "(another rank is not answering?); exiting now; the last complete "
                   "checkpoint is whole", every_rank=True)
-        os._exit(128 + s)
+        os._exit(stopped_by(s))
 
     def _say(self, text: str, every_rank: bool = False):
         rank = self.group.rank()

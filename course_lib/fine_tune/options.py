@@ -1,5 +1,6 @@
-"""The command line of the fine-tune: options (named as ``mlx_lm.lora`` names them), the
-default recipe of each course model, and the checks that run before any work."""
+"""The command line of the fine-tune: options (named as ``mlx_lm.lora`` names them) and the
+default recipe of each course model. :mod:`course_lib.fine_tune.plan` resolves them into
+the run's plan and checks them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,6 @@ from course_lib import distributed as dist
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO_ROOT / "data-sets" / "pirate"
 DEFAULT_ADAPTER_PATH = "adapters/latest"
-
-
-class UsageError(ValueError):
-    """Bad options or inputs, found before anything is written."""
 
 
 def _option_text(key: str, value) -> str:
@@ -168,62 +165,9 @@ def recipe_for(model: str) -> tuple[str, dict]:
 def apply_recipe(args) -> str:
     """Fill every option left out (``None``) from the model's recipe (:data:`RECIPES`);
     ``other`` leaves ``num_layers`` to :func:`add_adapters` (16 or all, whichever is
-    fewer). Returns the recipe's name. Idempotent."""
+    fewer). Returns the recipe's name. Edits ``args``; idempotent."""
     name, recipe = recipe_for(args.model)
     for key, value in recipe.items():
         if getattr(args, key, None) is None and value is not None:
             setattr(args, key, value)
     return name
-
-
-def resolve_lora_parameters(args) -> dict:
-    """mlx_lm's ``lora_parameters`` dict from our options: rank, scale, dropout (+alpha)."""
-    if args.lora_alpha is not None and args.lora_scale is not None:
-        raise UsageError("give --lora-alpha or --lora-scale, not both (scale = alpha / rank)")
-    if args.lora_rank < 1:
-        raise UsageError(f"--lora-rank must be at least 1, got {args.lora_rank}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise UsageError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    scale = args.lora_scale if args.lora_scale is not None else (
-        args.lora_alpha / args.lora_rank if args.lora_alpha is not None else 20.0)
-    params = {"rank": args.lora_rank, "scale": scale, "dropout": args.lora_dropout}
-    if args.lora_alpha is not None:
-        params["alpha"] = args.lora_alpha
-    return params
-
-
-def check_options(args, world_size: int) -> None:
-    """Raise :class:`UsageError` for option values that cannot run, before any work."""
-    positive = ["iters", "batch_size", "steps_per_report", "steps_per_eval", "save_every",
-                "grad_accumulation_steps", "max_seq_length"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, "
-                             f"got {getattr(args, name)}")
-    if args.warmup_steps < 0:
-        raise UsageError(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
-    if args.val_batches == 0 or args.val_batches < -1:
-        raise UsageError(f"--val-batches must be -1 (all) or at least 1, got {args.val_batches}")
-    if args.batch_size < world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is smaller than the world size "
-                         f"{world_size}: every rank needs at least one row")
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size "
-                         f"{world_size}: the global batch is split evenly across ranks")
-    if args.resume and args.resume_adapter_file:
-        raise UsageError("give --resume or --resume-adapter-file, not both")
-    if args.step_timeout < 0:
-        raise UsageError(f"--step-timeout must be 0 (never) or positive, got {args.step_timeout}")
-    if args.resume_adapter_file and not Path(args.resume_adapter_file).is_file():
-        raise UsageError(f"--resume-adapter-file {args.resume_adapter_file}: no such file")
-    if args.streams not in ("auto", 1) and getattr(args, "sharding", "none") != "none":
-        raise UsageError(f"--streams {args.streams} needs --sharding none: a sharded "
-                         "step's collectives run inside the backward pass, in one order "
-                         "on every rank, so it computes on one stream")
-    resolve_lora_parameters(args)
-    from course_lib.fine_tune.reporting import check_report_to
-
-    # Only rank 0 reports, so only its machine needs the reporting packages.
-    check_report_to(args.report_to, need_packages=dist.rank() == 0)

@@ -1,6 +1,6 @@
 """Everything a fine-tune writes into ``--adapter-path`` (rank 0 only): the adapter and its
-config, checkpoints, ``metrics.jsonl``, ``summary.json`` and ``loss.png``; and the lock
-that keeps a second run out of a folder a live run is using.
+config, checkpoints, ``metrics.jsonl`` (:mod:`course_lib.metrics`), ``summary.json`` and
+``loss.png``; and the lock that keeps a second run out of a folder a live run is using.
 
 Every file is written whole or not at all (:mod:`course_lib.atomic`). A write that fails
 during training (disk full, read-only, permission denied) does not raise at once: it is
@@ -21,11 +21,12 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from course_lib import atomic, checkpoint
+from course_lib import atomic, checkpoint, metrics
 from course_lib.atomic import WriteError
-from course_lib.fine_tune.options import UsageError
+from course_lib.fine_tune.errors import UsageError
+from course_lib.metrics import FILE as METRICS_FILE
+from course_lib.plotting import plot_loss_curves
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
 ADAPTER_FILE = "adapters.safetensors"
@@ -79,28 +80,12 @@ class FolderLock:
             self._fd = None
 
 
-def _whole_records(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``, leaving out a line a killed run cut short."""
-    records = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return records
-
-
 def _describe_holder(text: str) -> str:
     try:
         h = json.loads(text)
         return f"process {h['pid']} on {h['host']}, started {h['started']}"
     except (ValueError, KeyError, TypeError):
         return "a process that holds its lock file"
-
-
-def _nan_to_none(record: dict) -> dict:
-    """``record`` with NaN numbers (a window that scored no token has no mean loss) as
-    None, so that ``metrics.jsonl`` is strict JSON (``null``) for any reader."""
-    return {k: _nan_to_none(v) if isinstance(v, dict) else
-            (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
 
 
 class Outputs:
@@ -123,37 +108,29 @@ class Outputs:
 
         When resuming from iteration ``resume_from``, keep the metric records up to it (the
         steps after it will run again; a last line cut short by a kill is dropped) and
-        return them; otherwise start the file afresh. Raises :class:`FolderInUse` or
-        :class:`WriteError` (the folder is a file, read-only, full...) before writing
-        anything else.
+        return them; otherwise start the file afresh (:func:`course_lib.metrics.start`).
+        Raises :class:`FolderInUse` or :class:`WriteError` (the folder is a file,
+        read-only, full...) before writing anything else.
         """
         if not self.enabled:
             return []
         atomic.make_folder(self.folder)
         self._lock.acquire()
         atomic.remove_stale_temporaries(self.folder)
-        checkpoint.write_json_atomic(self.folder / CONFIG_FILE, config)
+        atomic.write_json(self.folder / CONFIG_FILE, config)
         self._metrics = self.folder / METRICS_FILE
-        kept: list[dict] = []
-        if resume_from is not None and self._metrics.exists():
-            kept = [r for r in _whole_records(self._metrics) if r["iteration"] <= resume_from]
-        if resume_from is None or self._metrics.exists():
-            atomic.write_jsonl(self._metrics, kept)
-        return kept
+        return metrics.start(self._metrics, resume_from)
 
     def metric(self, record: dict) -> None:
-        """Append one record to ``metrics.jsonl`` (NaN written as ``null``). On failure the file is cut back to its
-        previous length (no half line) and the error kept in :attr:`error`."""
+        """Append one record to ``metrics.jsonl`` (:func:`course_lib.metrics.append`: NaN
+        written as ``null``). On failure the file is cut back to its previous length (no
+        half line) and the error kept in :attr:`error`."""
         if not self._metrics or self.error:
             return
-        size = self._metrics.stat().st_size if self._metrics.exists() else 0
         try:
-            with open(self._metrics, "a") as f:
-                f.write(json.dumps(_nan_to_none(record)) + "\n")
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.truncate(self._metrics, size)
-            self.error = WriteError(self._metrics, e)
+            metrics.append(self._metrics, record)
+        except WriteError as e:
+            self.error = e
 
     def adapters(self, model) -> None:
         """Save the trainable weights as ``adapters.safetensors``; raises :attr:`error`
@@ -161,7 +138,7 @@ class Outputs:
         if self.enabled:
             self._raise_error()
             weights = dict(tree_flatten(model.trainable_parameters()))
-            checkpoint.save_safetensors_atomic(self.folder / ADAPTER_FILE, weights)
+            atomic.save_safetensors(self.folder / ADAPTER_FILE, weights)
 
     def checkpoint(self, iteration: int, model, optimizer, state: dict) -> Path | None:
         """Write the checkpoint at ``iteration`` (see :mod:`course_lib.checkpoint`) and
@@ -183,9 +160,7 @@ class Outputs:
         if not self.enabled:
             return
         self._raise_error()
-        checkpoint.write_json_atomic(self.folder / SUMMARY_FILE, summary)
-        from course_lib.plotting import plot_loss_curves
-
+        atomic.write_json(self.folder / SUMMARY_FILE, summary)
         n = summary["world_size"]
         label = f"{n} rank{'s' if n > 1 else ''}"
         plot_loss_curves({label: history}, self.folder / PLOT_FILE,

@@ -1,4 +1,5 @@
-"""Every rank's progress on rank 0, and the services a run reports to.
+"""What a run reports: its metric records, log lines and progress bar, every rank's
+numbers on rank 0 (:class:`Reporter`).
 
 At each report rank 0 gathers a small vector from every rank in one
 ``mx.distributed.all_gather`` (host names are gathered once, at the start, as fixed-size
@@ -7,31 +8,23 @@ time, its time at the all-reduce, its tokens, its summed token loss and its peak
 They become one ``metrics.jsonl`` record per rank (``split: "rank"``, see
 :meth:`Reporter.gather`) and one series per rank on the dashboard.
 
-``--report-to tensorboard,wandb,swanlab`` follows ``mlx_lm lora --report-to``: the
-callbacks are ``mlx_lm.tuner.callbacks.TrainingCallback`` objects, chained the way
-``mlx_lm``'s ``get_reporting_callbacks`` chains them, and they receive the dictionaries
-``mlx_lm``'s trainer sends (``train_loss``, ``learning_rate``, ``iterations_per_second``,
-``tokens_per_second``, ``trained_tokens``, ``peak_memory``; ``val_loss``, ``val_time``),
-plus one key per rank and metric, ``"METRIC/rankR"``. wandb and swanlab are ``mlx_lm``'s
-own callbacks; :class:`TensorBoardCallback` is ours (``mlx_lm`` has none) and writes with
-tensorboardX.
+The ``--report-to`` services are :mod:`course_lib.fine_tune.callbacks`'.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import re
 import socket
+import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.tuner.callbacks import SwanLabCallback, TrainingCallback, WandBCallback
+from tqdm import tqdm
 
-from course_lib.fine_tune.options import UsageError
+from course_lib import distributed as dist
+from course_lib.fine_tune.callbacks import reporting_callbacks
+from course_lib.fine_tune.speed import PhaseTimer
 
 HOST_BYTES = 256  # a host name is at most 253 characters (RFC 1035)
-TENSORBOARD_FOLDER = "tensorboard"  # inside --adapter-path
 # What each rank sends at a report, in this order (float32).
 GATHERED = ("seconds", "forward_backward_seconds", "all_reduce_wait_seconds", "tokens",
             "loss_sum", "peak_memory_gb")
@@ -53,32 +46,125 @@ def gather_hosts(group) -> list[str]:
     return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in rows]
 
 
+def log(msg: str, bar=None) -> None:
+    """Print ``msg`` on rank 0. While a progress bar is shown, through the bar on its
+    stream (stderr), so that lines and bar stay whole also when mpirun forwards stdout and
+    stderr separately; otherwise on stdout."""
+    if dist.rank() != 0:
+        return
+    if hasattr(bar, "write"):
+        bar.write(msg, file=sys.stderr)
+    else:
+        print(msg, flush=True)
+
+
+class Window:
+    """This rank's sums over a report window: ``loss`` (summed token losses) and
+    ``tokens`` (target tokens), lazy ``mx.array`` scalars, and ``seconds`` of its steps."""
+
+    def __init__(self):
+        self.loss, self.tokens, self.seconds = mx.array(0.0), mx.array(0), 0.0
+
+    def add(self, loss_sum, ntoks) -> None:
+        self.loss, self.tokens = self.loss + loss_sum, self.tokens + ntoks
+
+
 class Reporter:
-    """Per-rank numbers to rank 0 at each report, and the ``--report-to`` callbacks.
+    """What a run reports, from every rank: the records of ``metrics.jsonl`` (kept in
+    :attr:`history`, written by ``outputs``), the log lines and progress bar on rank 0,
+    the per-rank numbers gathered to rank 0, and the ``--report-to`` callbacks.
 
     Every rank builds one (host names are gathered here, a collective call) and calls
-    :meth:`gather` at every report; only rank 0 gets records back and calls the callbacks.
-    ``start`` is the iteration a resumed run continues from (0 for a fresh one).
+    :meth:`report` at every report (collective too); only rank 0 writes, prints and calls
+    the callbacks. ``start`` is the iteration a resumed run continues from (0 for a fresh
+    one) and ``history`` the records kept from before it; ``replicas``: how many ranks
+    compute each row (N under tensor parallelism), by which summed token counts are
+    divided.
     """
 
-    def __init__(self, group, args, start: int = 0):
-        self.group, self.size, self.rank = group, group.size(), group.rank()
+    def __init__(self, plan, group, outputs, start: int = 0, history=(), replicas: int = 1):
+        self.plan, self.group, self.outputs, self.replicas = plan, group, outputs, replicas
+        self.size, self.rank = group.size(), group.rank()
+        self.history = list(history)
         self.hosts = gather_hosts(group)
         self.gather_seconds: float | None = None
         self.trained_tokens = 0
+        self.train_seconds, self.train_tokens = 0.0, 0
+        self.phase_totals = dict.fromkeys(PhaseTimer.PHASES, 0.0)
+        self.bar = _NoBar()
         self.callback = None
-        if self.rank == 0 and args.report_to:
-            config = {**vars(args), "hosts": self.hosts, "world_size": self.size}
-            self.callback = reporting_callbacks(args.report_to, args.project_name,
-                                                args.adapter_path, config,
+        if self.rank == 0 and plan.report_to:
+            config = {**plan.options, "hosts": self.hosts, "world_size": self.size}
+            self.callback = reporting_callbacks(plan.report_to, plan.project_name,
+                                                plan.adapter_path, config,
                                                 purge_step=start + 1 if start else None)
+
+    def show_progress(self, start: int) -> None:
+        """A tqdm bar of the steps on rank 0's stderr, from ``start`` (none on the other
+        ranks or with ``--no-progress``)."""
+        if self.rank == 0 and not self.plan.no_progress:
+            self.bar = tqdm(total=self.plan.iters, initial=start, desc="fine-tune",
+                            unit="step", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=0.5)
+
+    def log(self, msg: str) -> None:
+        """:func:`log` through the progress bar."""
+        log(msg, self.bar)
+
+    def record(self, kind: str, it: int, loss, **extra) -> dict:
+        """A ``metrics.jsonl`` record (``split`` ``kind``), kept and written."""
+        rec = {"iteration": it, "split": kind, "loss": loss, "world_size": self.size, **extra}
+        self.history.append(rec)
+        self.outputs.metric(rec)
+        return rec
+
+    def validation(self, it: int, loss: float, seconds: float) -> None:
+        """Record, send and log a validation loss."""
+        self.record("valid", it, loss, seconds=seconds)
+        if self.callback is not None:
+            self.callback.on_val_loss_report({"iteration": it, "val_loss": loss,
+                                              "val_time": seconds})
+        self.log(f"Iter {it}: validation loss {loss:.3f} ({seconds:.1f} s)")
+
+    def report(self, it: int, window: Window, timer: PhaseTimer, learning_rate: float):
+        """The train report after step ``it`` (collective): the global loss of the
+        ``window`` (every rank's token losses over all their tokens, one ``all_sum``;
+        NaN when no rank scored a token), the largest peak memory (``all_max``), every
+        rank's own numbers (:meth:`gather`), then records, callbacks, bar and log line.
+        Resets ``timer``."""
+        totals = dist.all_sum(mx.stack([window.loss, window.tokens.astype(mx.float32)]),
+                              self.group)
+        scored = totals[1].item()
+        loss = totals[0].item() / scored if scored else float("nan")
+        toks = int(scored) // self.replicas
+        self.train_seconds += window.seconds
+        self.train_tokens += toks
+        peak = mx.array(mx.get_peak_memory() / 1e9)  # this rank's; report the largest
+        if self.size > 1:
+            peak = mx.distributed.all_max(peak, group=self.group)
+        ranks = self.gather(window.seconds, window.loss, window.tokens, timer)
+        extra = self.cost()
+        if self.plan.step_timing:
+            extra["phase_seconds"] = dict(timer.seconds)
+            for k, v in timer.seconds.items():
+                self.phase_totals[k] += v
+        timer.reset()
+        rec = self.record("train", it, loss, tokens=toks, seconds=window.seconds,
+                          tokens_per_second=toks / window.seconds,
+                          learning_rate=learning_rate, peak_memory_gb=peak.item(), **extra)
+        for r in ranks:
+            self.record("rank", it, **r)
+        self.send_train(rec, ranks)
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_second']:.0f}")
+        self.log(f"Iter {it}: train loss {loss:.3f}, {rec['tokens_per_second']:.0f} "
+                 f"tokens/s, peak memory {rec['peak_memory_gb']:.3f} GB")
 
     def gather(self, seconds: float, loss_sum, tokens, timer) -> list[dict]:
         """One ``all_gather`` of every rank's report window; per-rank records on rank 0.
 
         ``seconds``: this rank's wall time of the window's steps; ``loss_sum`` and
         ``tokens``: its summed token loss and target-token count (``mx.array`` scalars);
-        ``timer``: its :class:`~course_lib.fine_tune.step.PhaseTimer` for the window.
+        ``timer``: its :class:`~course_lib.fine_tune.speed.PhaseTimer` for the window.
         Rank 0 gets one dict per rank, in rank order: ``rank``, ``host``, ``loss`` (the
         rank's own mean loss per target token, nats; None when it had no target tokens),
         ``tokens``, ``step_seconds`` (wall seconds per step) and, when the timer ran,
@@ -119,9 +205,9 @@ class Reporter:
         """``{"gather_seconds": s}`` of the last :meth:`gather` ({} at 1 rank)."""
         return {} if self.gather_seconds is None else {"gather_seconds": self.gather_seconds}
 
-    def train(self, record: dict, ranks: list[dict]) -> None:
-        """Send a train report (``record``: the loop's train record) and the per-rank
-        records to the callbacks, in ``mlx_lm``'s names."""
+    def send_train(self, record: dict, ranks: list[dict]) -> None:
+        """Send a train report (``record``: the train record) and the per-rank records to
+        the callbacks, in ``mlx_lm``'s names."""
         if self.callback is None:
             return
         self.trained_tokens += record["tokens"]
@@ -137,14 +223,10 @@ class Reporter:
                          if m in values})
         self.callback.on_train_loss_report(info)
 
-    def validation(self, iteration: int, loss: float, seconds: float) -> None:
-        """Send a validation report to the callbacks, in ``mlx_lm``'s names."""
-        if self.callback is not None:
-            self.callback.on_val_loss_report({"iteration": iteration, "val_loss": loss,
-                                              "val_time": seconds})
-
     def close(self) -> None:
-        """Flush and close what the callbacks opened (TensorBoard's event files)."""
+        """Close the bar; flush and close what the callbacks opened (TensorBoard's event
+        files)."""
+        self.bar.close()
         callback = self.callback
         while callback is not None:
             if hasattr(callback, "close"):
@@ -152,108 +234,12 @@ class Reporter:
             callback = getattr(callback, "wrapped_callback", None)
 
 
-def run_name(rank: int, host: str = "") -> str:
-    """The TensorBoard run (folder) of a rank's series: ``rankR-HOST``, the host name with
-    characters other than letters, digits, ``.``, ``_`` and ``-`` as ``_`` (``rankR``
-    when the host is unknown)."""
-    return f"rank{rank}" + (f"-{re.sub(r'[^A-Za-z0-9._-]', '_', host)}" if host else "")
+class _NoBar:
+    def update(self, n):
+        pass
 
-
-class TensorBoardCallback(TrainingCallback):
-    """TensorBoard event files in ``LOG_DIR/tensorboard``: one scalar per metric, one run
-    (folder) per series: ``global`` (the run's numbers, as ``mlx_lm`` reports them) and
-    ``rankR-HOST`` for each rank (its ``"METRIC/rankR"`` keys), so that TensorBoard draws
-    every rank's ``train_loss``, ``step_seconds``... in one chart. The constructor takes
-    ``mlx_lm``'s callback arguments (``config["hosts"]`` names the rank folders) and
-    ``purge_step``: on resuming at step N+1, points from step N+1 on in earlier files are
-    dropped by TensorBoard's reader (tensorboardX writes a ``SessionLog.START``).
-    Points reach the files within about a second, so a dashboard shows a run while it
-    trains; :meth:`close` writes the rest (a killed run may lose its last second, which a
-    resumed run writes again). Raises ImportError, with the install line, when
-    tensorboardX is missing."""
-
-    def __init__(self, project_name, log_dir, config, wrapped_callback=None,
-                 purge_step: int | None = None):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError as e:
-            raise ImportError(TENSORBOARD_MISSING) from e
-        self.folder = Path(log_dir) / TENSORBOARD_FOLDER
-        self.hosts = list((config or {}).get("hosts") or [])
-        self.wrapped_callback = wrapped_callback
-        # flush_secs=1: tensorboardX's writer thread puts each point on disk within about
-        # a second (its default, 120 s, is too slow for a live dashboard).
-        self._new = lambda run: SummaryWriter(str(self.folder / run), purge_step=purge_step,
-                                              flush_secs=1)
-        self.writers = {}
-
-    def run_name(self, rank: int | None) -> str:
-        """:func:`run_name` of ``rank`` (None: ``global``) and its host."""
-        if rank is None:
-            return "global"
-        return run_name(rank, self.hosts[rank] if rank < len(self.hosts) else "")
-
-    def _write(self, info: dict):
-        step = info["iteration"]
-        for key, value in info.items():
-            if key == "iteration" or not isinstance(value, (int, float)):
-                continue
-            metric, _, rank = key.rpartition("/rank") if "/rank" in key else (key, "", "")
-            run = self.run_name(int(rank) if rank else None)
-            if run not in self.writers:
-                self.writers[run] = self._new(run)
-            self.writers[run].add_scalar(metric, value, step)
-
-    def on_train_loss_report(self, train_info: dict):
-        self._write(train_info)
-        if self.wrapped_callback:
-            self.wrapped_callback.on_train_loss_report(train_info)
-
-    def on_val_loss_report(self, val_info: dict):
-        self._write(val_info)
-        if self.wrapped_callback:
-            self.wrapped_callback.on_val_loss_report(val_info)
+    def set_postfix(self, **kw):
+        pass
 
     def close(self):
-        for writer in self.writers.values():
-            writer.close()
-
-
-TENSORBOARD_MISSING = ("tensorboardX is not installed: bash scripts/setup.sh installs it "
-                       "(or pip install 'course_lib[dashboard]')")
-CALLBACKS = {"tensorboard": TensorBoardCallback, "wandb": WandBCallback,
-             "swanlab": SwanLabCallback}
-PACKAGES = {"tensorboard": ("tensorboardX", TENSORBOARD_MISSING),
-            "wandb": ("wandb", "wandb is not installed: pip install wandb"),
-            "swanlab": ("swanlab", "swanlab is not installed: pip install swanlab")}
-
-
-def report_to_names(report_to: str | None) -> list[str]:
-    """The services in ``--report-to`` (comma separated, case and spaces ignored, as
-    ``mlx_lm``'s ``get_reporting_callbacks`` reads it); [] for None or ""."""
-    return [n.strip().lower() for n in (report_to or "").split(",") if n.strip()]
-
-
-def check_report_to(report_to: str | None, need_packages: bool = True) -> None:
-    """Raise :class:`UsageError` naming ``--report-to`` when a service is unknown or, with
-    ``need_packages``, its package is not installed."""
-    for name in report_to_names(report_to):
-        if name not in CALLBACKS:
-            raise UsageError(f"--report-to: {name!r} is not one of {', '.join(CALLBACKS)}")
-        package, missing = PACKAGES[name]
-        if need_packages and importlib.util.find_spec(package) is None:
-            raise UsageError(f"--report-to {name}: {missing}")
-
-
-def reporting_callbacks(report_to: str | None, project_name: str | None, log_dir: str,
-                        config: dict, purge_step: int | None = None):
-    """The chained callbacks for ``--report-to`` (None when it names none), built as
-    ``mlx_lm.tuner.callbacks.get_reporting_callbacks`` builds them, with tensorboard
-    added; ``purge_step`` goes to :class:`TensorBoardCallback`."""
-    callback = None
-    for name in report_to_names(report_to):
-        check_report_to(name)
-        extra = {"purge_step": purge_step} if name == "tensorboard" else {}
-        callback = CALLBACKS[name](project_name=project_name, log_dir=log_dir, config=config,
-                                   wrapped_callback=callback, **extra)
-    return callback
+        pass

@@ -65,7 +65,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from course_lib import distributed as dist
-from course_lib.fine_tune.options import UsageError
+from course_lib.fine_tune.errors import UsageError
 from course_lib.traffic import CollectiveCounter
 
 MODES = ("none", "fsdp", "tensor")
@@ -73,34 +73,6 @@ MODES = ("none", "fsdp", "tensor")
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
           "mlp.up_proj")
 ROW = ("self_attn.o_proj", "mlp.down_proj")
-
-
-def check_sharding(args, world_size: int) -> None:
-    """Raise :class:`UsageError` for a ``--sharding`` that cannot run with these options
-    at ``world_size`` ranks, before anything is loaded. A sharded run is never compiled
-    (``--compile`` left out means ``--no-compile``; asked for, an error)."""
-    mode = args.sharding
-    if mode not in MODES:
-        raise UsageError(f"--sharding must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "none":
-        return
-    if world_size < 2:
-        raise UsageError(f"--sharding {mode} splits the model across ranks and needs at least "
-                         f"2; this run has 1 (start it with mpirun -np 2 ... or mlx.launch "
-                         "-n 2 ...)")
-    if args.fine_tune_type not in ("lora", "full"):
-        raise UsageError(f"--sharding {mode} works with --fine-tune-type lora or full, not "
-                         f"{args.fine_tune_type}")
-    if args.loss_weighting != "tokens":
-        raise UsageError(f"--sharding {mode} weights the loss by tokens; --loss-weighting "
-                         f"{args.loss_weighting} is for --sharding none")
-    if args.compile:
-        raise UsageError(f"--sharding {mode} runs op by op: leave out --compile")
-    args.compile = False
-    if mode == "fsdp" and args.lora_dropout > 0:
-        raise UsageError("--sharding fsdp recomputes each block's forward pass in the "
-                         "backward pass, which would draw other dropout masks: use "
-                         "--lora-dropout 0")
 
 
 # ------------------------------------------------------------------------- the plan
@@ -261,24 +233,24 @@ def _layer_index(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def shard_model(model, args, group) -> Sharding:
-    """Split ``model`` (loaded, adapters added) across ``group`` as ``args.sharding``
+def shard_model(model, plan, group) -> Sharding:
+    """Split ``model`` (loaded, adapters added) across ``group`` as ``plan.sharding``
     says, in place, then evaluate its parameters one at a time (so that a lazily loaded
     model never holds more than one whole array at once). Returns the :class:`Sharding`.
 
     Raises :class:`UsageError` before changing anything when a dimension does not divide
     by the world size, or the model is not of the llama/mistral layout ``tensor`` knows.
     """
-    mode = args.sharding
+    mode = plan.sharding
     if mode == "none":
-        plan = Sharding("none", group)
+        sharding = Sharding("none", group)
     elif mode == "fsdp":
-        plan = _shard_fsdp(model, group)
+        sharding = _shard_fsdp(model, group)
     else:
-        plan = _shard_tensor(model, group)
+        sharding = _shard_tensor(model, group)
     for _, p in tree_flatten(model.parameters()):
         mx.eval(p)
-    return plan
+    return sharding
 
 
 # --------------------------------------------------------------------------- fsdp
