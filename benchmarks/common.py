@@ -91,3 +91,28 @@ def save(name: str, payload: dict) -> Path:
                "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def random_model_folder(config: dict, source: Path, out: Path, seed: int,
+                        dtype: str | None = None) -> Path:
+    """A llama-architecture model of ``config`` with random weights (``mx.random.seed(seed)``,
+    cast to ``dtype`` when given) saved in ``out`` as a folder ``mlx_lm.load`` reads, with
+    the tokenizer files of model folder ``source``. Returns ``out``."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_config, save_model
+
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    if dtype is not None:
+        model.update(tree_map(lambda p: p.astype(getattr(mx, dtype)), model.parameters()))
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, out / name)
+    return out

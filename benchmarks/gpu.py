@@ -16,14 +16,13 @@ Prints the tables and writes results/gpu.json. Every run keeps MLX's memory limi
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import PY, REPO, blas, save, table
+from common import PY, REPO, blas, random_model_folder, save, table
 
 DATA = REPO / "data-sets" / "pirate"
 
@@ -36,24 +35,10 @@ def matmul_peak(dtype: str, n: int = 8192, repeats: int = 10) -> float:
 def random_model(source: Path, out: Path, dtype: str) -> Path:
     """SmolLM2's architecture from ``source`` with random weights in ``dtype``, saved as
     a model folder ``mlx_lm.load`` reads."""
-    import mlx.core as mx
-    from mlx.utils import tree_map
-    from mlx_lm.models import llama
-    from mlx_lm.utils import save_config, save_model
-
     config = json.loads((source / "config.json").read_text())
     config.pop("quantization", None)
     config.pop("quantization_config", None)
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    model.update(tree_map(lambda p: p.astype(getattr(mx, dtype)), model.parameters()))
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(out, model)
-    save_config(config, out / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (source / name).exists():
-            shutil.copy(source / name, out / name)
-    return out
+    return random_model_folder(config, source, out, seed=0, dtype=dtype)
 
 
 WORKER = """

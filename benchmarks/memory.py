@@ -12,11 +12,10 @@ the largest over the ranks for ours and rank 0's for mlx_lm.
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
-from common import PY, REPO, launch, run, save, table
+from common import PY, REPO, launch, random_model_folder, run, save, table
 
 from course_lib.tiny_model import ensure_tiny_model
 
@@ -29,24 +28,11 @@ def scaled_model(factor: int, folder: Path) -> Path:
     base = ensure_tiny_model()
     if SHAPES[factor] is None:
         return base
-    import mlx.core as mx
-    from mlx_lm.models import llama
-    from mlx_lm.utils import save_config, save_model
-
     hidden, layers, inter, heads, kv = SHAPES[factor]
     config = json.loads((base / "config.json").read_text())
     config.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
                   num_attention_heads=heads, num_key_value_heads=kv)
-    out = folder / f"x{factor}"
-    out.mkdir(parents=True)
-    mx.random.seed(factor)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    save_model(out, model)
-    save_config(config, out / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (base / name).exists():
-            shutil.copy(base / name, out / name)
-    return out
+    return random_model_folder(config, base, folder / f"x{factor}", seed=factor)
 
 
 def same_work_data(folder: Path, rows: int = 16) -> Path:

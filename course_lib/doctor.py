@@ -369,7 +369,6 @@ def check_all_reduce(report: Report, ranks: int, hostfile: str | None, timeout: 
     with tempfile.TemporaryDirectory() as tmp:
         hostfile_arg = None
         if hostfile:
-
             hostfile_arg = Path(tmp) / "hostfile"
             hostfile_arg.write_text(to_openmpi(read_hostfile(hostfile)))
         cmd = mpirun_command(ranks, sys.executable, "-m", "course_lib.doctor", "--worker",

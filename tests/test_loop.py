@@ -3,6 +3,8 @@
 ``TrainingArgs``. What starts ranks is tested in test_fine_tune.py and test_resume.py."""
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -66,6 +68,9 @@ def test_reports_validations_and_checkpoints_fall_on_their_steps(tiny_model, row
     assert not (tmp_path / "0000006_state.json").exists()
     written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert written == json.loads(json.dumps(history))  # what is kept is what is written
+    # The watchdog (--step-timeout) stops with the loop: this process goes on.
+    time.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name == "watchdog" and t.is_alive()]
 
 
 def test_a_run_continued_from_its_checkpoint_is_the_unbroken_run(tiny_model, rows, tmp_path):

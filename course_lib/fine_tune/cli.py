@@ -22,7 +22,7 @@ from course_lib.fine_tune.faults import peer_lost_message
 from course_lib.fine_tune.inputs import add_adapters, check_ranks_agree, load_data, load_model
 from course_lib.fine_tune.interrupts import Interrupted, StoppedByRankZero, resume_command
 from course_lib.fine_tune.loop import train
-from course_lib.fine_tune.options import build_parser
+from course_lib.fine_tune.options import apply_recipe, build_parser
 from course_lib.fine_tune.outputs import Outputs
 from course_lib.fine_tune.plan import resolve
 from course_lib.fine_tune.reporting import log
@@ -85,7 +85,7 @@ def _log_plan(plan, rows, held: dict, num_layers: int, sharding) -> None:
     """The run's first lines: world, batch, data, recipe, what is trained and held."""
     n_train, n_total = held["trainable"], held["parameters"]
     log(f"{plan.backend} backend, world size {plan.world_size}: global batch "
-        f"{plan.batch_size}, {plan.batch_size // sharding.data_share()[1]} rows per rank; "
+        f"{plan.batch_size}, {plan.rows_per_rank} rows per rank; "
         f"{len(rows.train)} train / {len(rows.valid)} valid rows")
     log(f"Recipe {plan.recipe}: {plan.iters} steps, learning rate {plan.learning_rate:g}, "
         f"LoRA rank {plan.lora_rank}, mask prompt {'on' if plan.mask_prompt else 'off'}")
@@ -134,7 +134,7 @@ def summarize(plan, config: dict, held: dict, resumed_from: int | None, history:
         "world_size": plan.world_size,
         "iterations": plan.iters,
         "global_batch": plan.batch_size,
-        "per_rank_batch": plan.batch_size // sharding.data_share()[1],
+        "per_rank_batch": plan.rows_per_rank,
         "loss_weighting": plan.loss_weighting,
         "all_reduce": plan.all_reduce,
         "compiled": plan.compile,
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     handle_relayed_signals()
     args = build_parser().parse_args(argv)
+    apply_recipe(args)  # for the messages below (--iters); resolve() fills a copy itself
     folder = Path(args.adapter_path)
     try:
         run(args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 from course_lib.fine_tune.errors import HUNG
@@ -27,21 +28,31 @@ class Watchdog:
 
     ``beat()`` after each step and evaluation; after ``timeout`` seconds without one it
     prints a message and ends the process with exit status 3. ``timeout`` 0 disables it.
+    A context manager: it watches from ``__enter__`` until ``__exit__`` (or :meth:`stop`),
+    so that a process that goes on after training (a test, a notebook) is not ended.
     """
 
     def __init__(self, timeout: float, rank: int):
         self.timeout, self.rank, self.last = timeout, rank, time.monotonic()
-        if timeout > 0:
-            import threading
+        self._stopped = threading.Event()
 
-            threading.Thread(target=self._watch, daemon=True).start()
+    def __enter__(self):
+        self.beat()
+        if self.timeout > 0:
+            threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def beat(self):
         self.last = time.monotonic()
 
+    def stop(self):
+        self._stopped.set()
+
     def _watch(self):
-        while True:
-            time.sleep(min(1.0, self.timeout / 4))
+        while not self._stopped.wait(min(1.0, self.timeout / 4)):
             if time.monotonic() - self.last > self.timeout:
                 print(f"rank {self.rank}: no step finished for {self.timeout:.0f} s "
                       "(--step-timeout); another rank is probably stopped or unreachable. "

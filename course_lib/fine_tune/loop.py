@@ -14,6 +14,7 @@ from course_lib.fine_tune.batches import GlobalBatches
 from course_lib.fine_tune.errors import WRITE_FAILED
 from course_lib.fault_injection import arm_timed_fault, maybe_fault
 from course_lib.fine_tune.faults import Watchdog
+from course_lib.fine_tune.inputs import Rows
 from course_lib.fine_tune.interrupts import Interrupted, StopAgreement, StoppedByRankZero
 from course_lib.fine_tune.loss import loss_function, scores_any
 from course_lib.fine_tune.reporting import Reporter, Window
@@ -22,19 +23,11 @@ from course_lib.fine_tune.step import make_step
 
 
 @dataclass
-class Rows:
-    """The tokenized rows ``[(token_ids, prompt_offset), ...]`` of the two splits."""
-
-    train: list
-    valid: list
-
-
-@dataclass
 class Start:
     """Where the loop starts: after step ``iteration`` (0: a fresh run), with the data
     order ``data_order`` (:meth:`GlobalBatches.state`) and the metric records ``history``
     kept from before; ``settings`` is what every checkpoint records
-    (:func:`course_lib.fine_tune.cli.run_settings`)."""
+    (:func:`course_lib.fine_tune.resume.run_settings`)."""
 
     iteration: int = 0
     data_order: dict | None = None
@@ -52,35 +45,35 @@ def train(model, optimizer, rows: Rows, plan, sharding, outputs, start: Start | 
     saves that step and every rank raises :class:`Interrupted`; when rank 0 could not
     write, it raises :attr:`Outputs.error` and the others :class:`StoppedByRankZero`."""
     start, group, rank = start or Start(), sharding.group, sharding.group.rank()
-    share = sharding.data_share()
-    if plan.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
-    timer = PhaseTimer(plan.step_timing or plan.rank_timing, barrier=plan.step_timing)
-    loss_name, loss_fn = loss_function(plan.loss, model)
-    split = StreamSplit(plan.streams, plan.pad_multiple)
-    step = make_step(model, optimizer, plan, sharding, loss_fn, timer, split)
-    batches = GlobalBatches(rows.train, plan.batch_size, plan.seed)
-    if start.data_order:
-        batches.restore(start.data_order)
-    watchdog = Watchdog(plan.step_timeout, rank)
-    arm_timed_fault(rank)
+    # Ctrl-C and SIGTERM stop every rank together; a rank whose peer hangs ends itself.
+    with StopAgreement(group) as stop, Watchdog(plan.step_timeout, rank) as watchdog:
+        share = sharding.data_share()
+        if plan.grad_checkpoint:
+            grad_checkpoint(model.layers[0])
+        timer = PhaseTimer(plan.step_timing or plan.rank_timing, barrier=plan.step_timing)
+        loss_name, loss_fn = loss_function(plan.loss, model)
+        split = StreamSplit(plan.streams, plan.pad_multiple)
+        step = make_step(model, optimizer, plan, sharding, loss_fn, timer, split)
+        batches = GlobalBatches(rows.train, plan.batch_size, plan.seed)
+        if start.data_order:
+            batches.restore(start.data_order)
+        arm_timed_fault(rank)
 
-    def validate(it):
-        if rows.valid:
-            maybe_fault(rank, f"eval-{it}")
-            tic = time.perf_counter()
-            loss = validation_loss(model, rows.valid, plan, group, loss_fn, share, split)
-            reporter.validation(it, loss, time.perf_counter() - tic)
-            watchdog.beat()
+        def validate(it):
+            if rows.valid:
+                maybe_fault(rank, f"eval-{it}")
+                tic = time.perf_counter()
+                loss = validation_loss(model, rows.valid, plan, group, loss_fn, share, split)
+                reporter.validation(it, loss, time.perf_counter() - tic)
+                watchdog.beat()
 
-    def save(it):
-        saved = outputs.checkpoint(it, *sharding.whole(model, optimizer),
-                                   {"data_order": batches.state(), "settings": start.settings})
-        if saved:
-            reporter.log(f"Iter {it}: saved checkpoint {saved}")
-        return saved
+        def save(it):
+            saved = outputs.checkpoint(it, *sharding.whole(model, optimizer),
+                                       {"data_order": batches.state(), "settings": start.settings})
+            if saved:
+                reporter.log(f"Iter {it}: saved checkpoint {saved}")
+            return saved
 
-    with StopAgreement(group) as stop:  # Ctrl-C and SIGTERM stop every rank together
         reporter = Reporter(plan, group, outputs, start.iteration, start.history,
                             sharding.replicas())
         model.train()
@@ -151,13 +144,16 @@ def validation_loss(model, valid_rows, plan, group, loss_fn, share=None,
     when those batches score no token (``--max-seq-length`` cut every response off)."""
     split = split or StreamSplit(1)
     share = share or (group.rank(), group.size())
+    # Under sharding every rank runs every forward pass (its collectives): none is skipped.
+    skip = plan.sharding == "none"
     batches = GlobalBatches(valid_rows, plan.batch_size, plan.seed)
     n = len(batches.batches) if plan.val_batches == -1 else min(plan.val_batches,
                                                                   len(batches.batches))
     total, count = mx.array(0.0), mx.array(0)
     model.eval()
     for _ in range(n):
-        pieces = split.map(lambda b, l: loss_fn(model, b, l) if scores_any(b, l) else None,
+        pieces = split.map(lambda b, l: None if skip and not scores_any(b, l) else
+                           loss_fn(model, b, l),
                            *batches.next(*share, plan.max_seq_length, plan.pad_multiple))
         for loss, ntoks in filter(None, pieces):  # None: a piece that scores no token
             total, count = total + loss * ntoks, count + ntoks

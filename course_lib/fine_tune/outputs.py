@@ -110,7 +110,8 @@ class Outputs:
         steps after it will run again; a last line cut short by a kill is dropped) and
         return them; otherwise start the file afresh (:func:`course_lib.metrics.start`).
         Raises :class:`FolderInUse` or :class:`WriteError` (the folder is a file,
-        read-only, full...) before writing anything else.
+        read-only, full...) before writing anything else, and :class:`UsageError` naming
+        the line when resuming from a ``metrics.jsonl`` with a damaged line.
         """
         if not self.enabled:
             return []
@@ -119,7 +120,11 @@ class Outputs:
         atomic.remove_stale_temporaries(self.folder)
         atomic.write_json(self.folder / CONFIG_FILE, config)
         self._metrics = self.folder / METRICS_FILE
-        return metrics.start(self._metrics, resume_from)
+        try:
+            return metrics.start(self._metrics, resume_from)
+        except ValueError as e:  # a damaged line: named, and nothing else is written
+            raise UsageError(f"cannot continue its records: {e}; mend or remove that line") \
+                from e
 
     def metric(self, record: dict) -> None:
         """Append one record to ``metrics.jsonl`` (:func:`course_lib.metrics.append`: NaN

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from course_lib import blas
+from course_lib import distributed as dist
 from course_lib.fine_tune.errors import UsageError
 from course_lib.fine_tune.options import (DEFAULT_ADAPTER_PATH, DEFAULT_DATA, apply_recipe,
                                           build_parser)
@@ -32,7 +33,9 @@ from course_lib.fine_tune.sharding import MODES as SHARDING_MODES
 class Plan:
     """Every setting of a fine-tune (options named as ``mlx_lm.lora`` names them; see
     ``python -m course_lib.fine_tune --help``), then what :func:`resolve` derived from them.
-    The defaults are the options' defaults and the ``other`` recipe's numbers."""
+    The defaults make a literal a short test: the tiny model, the ``tiny`` recipe's numbers
+    and the options' defaults, no progress bar, one rank, not compiled. A literal whose
+    derived fields contradict the others raises ``ValueError`` (:meth:`__post_init__`)."""
 
     model: str = "tiny"
     data: Path = DEFAULT_DATA
@@ -80,17 +83,25 @@ class Plan:
     wide_evaluation_order: bool = False  # MLX_BFS_MAX_WIDTH=1000 (speed.order_for_streams)
     options: dict = field(default_factory=dict)  # the command line, recipe applied
 
+    def __post_init__(self):
+        """Raise ``ValueError`` when derived fields contradict the fields they come from
+        (a literal written by hand: :func:`resolve` makes them agree)."""
+        if self.compile and (self.loss != "all" or self.pad_multiple != 32):
+            raise ValueError("a compiled plan uses loss 'all' and pad_multiple 32 (resolve())")
+        if not self.compile and self.pad_multiple != 1:
+            raise ValueError("a plan that is not compiled pads to a multiple of 1")
+        if self.lora_parameters and self.lora_parameters.get("rank") != self.lora_rank:
+            raise ValueError(f"lora_parameters' rank {self.lora_parameters.get('rank')} is "
+                             f"not lora_rank {self.lora_rank}")
+        if self.streams > 1 and self.sharding != "none":
+            raise ValueError("a sharded plan computes on one stream")
+
     @property
     def rows_per_rank(self) -> int:
         """Rows of each global batch one rank computes: all of them under ``tensor``
         (every rank computes the whole batch), else ``batch_size / world_size``."""
         return self.batch_size if self.sharding == "tensor" else \
             self.batch_size // self.world_size
-
-    def replace(self, **changes) -> Plan:
-        """A copy with ``changes`` (``dataclasses.replace``); derived fields are not
-        recomputed, so change only what no other field derives from."""
-        return dataclasses.replace(self, **changes)
 
 
 def parse(argv: list[str], world_size: int = 1, backend: str = "none", rank: int = 0) -> Plan:
@@ -110,10 +121,12 @@ def resolve(args: argparse.Namespace, world_size: int = 1, backend: str = "none"
     recipe = apply_recipe(args)
     options = dict(vars(args))
     check_numbers(args, world_size)
-    check_sharding(args, world_size)
+    lora = lora_parameters(args)
     # Only rank 0 reports, so only its machine needs the reporting packages.
     check_report_to(args.report_to, need_packages=rank == 0)
-    lora = lora_parameters(args) if args.fine_tune_type != "full" else None
+    check_sharding(args, world_size)
+    if args.sharding != "none":
+        options["compile"] = False  # a sharded run is never compiled
     compiled = args.compile if args.compile is not None else (
         False if args.sharding != "none" else compile_by_default())
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Plan)
@@ -123,8 +136,10 @@ def resolve(args: argparse.Namespace, world_size: int = 1, backend: str = "none"
     rows = args.batch_size // (1 if args.sharding == "tensor" else world_size)
     return Plan(**given, recipe=recipe, world_size=world_size, backend=backend,
                 compile=compiled, loss="all" if compiled else args.loss,
-                all_reduce=all_reduce_form(args.all_reduce, backend, world_size),
-                pad_multiple=32 if compiled else 1, lora_parameters=lora,
+                all_reduce=all_reduce_form(args.all_reduce, dist.detect_backend() or backend,
+                                           world_size),
+                pad_multiple=32 if compiled else 1,
+                lora_parameters=lora if args.fine_tune_type != "full" else None,
                 streams=streams_per_rank(args.streams, rows, args.sharding != "none",
                                          compiled, args.fine_tune_type == "full"),
                 wide_evaluation_order=(args.streams != 1 and args.fine_tune_type != "full"

@@ -47,7 +47,8 @@ def gather_hosts(group) -> list[str]:
 
 
 def log(msg: str, bar=None) -> None:
-    """Print ``msg`` on rank 0. While a progress bar is shown, through the bar on its
+    """Print ``msg`` on rank 0 (the run's lines before and after the loop; inside it,
+    :meth:`Reporter.log`, which passes its bar). While a progress bar is shown, through the bar on its
     stream (stderr), so that lines and bar stay whole also when mpirun forwards stdout and
     stderr separately; otherwise on stdout."""
     if dist.rank() != 0:
@@ -227,6 +228,7 @@ class Reporter:
         """Close the bar; flush and close what the callbacks opened (TensorBoard's event
         files)."""
         self.bar.close()
+        self.bar = _NoBar()  # later lines (a stop's checkpoint) print as without a bar
         callback = self.callback
         while callback is not None:
             if hasattr(callback, "close"):

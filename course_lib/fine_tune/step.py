@@ -141,8 +141,6 @@ def learning_rate_schedule(plan):
     return lambda step: lr * mx.minimum(step + 1, warmup).astype(mx.float32) / warmup
 
 
-
-
 def make_optimizer(plan, model) -> optim.Adam:
     """Adam with :func:`learning_rate_schedule`, its state made for ``model``'s trainable
     parameters."""
