@@ -27,9 +27,12 @@ Many ranks, one model
 
 Looking at a run
 - ``plotting``: loss curves, per-rank step times, the sharding layout
+- ``diagrams``: pictures of the ideas: the ring all-reduce step by step, one FSDP step,
+  the two-host lab
 - ``monitor``: the live dashboard (TensorBoard on a run's folder); CLI
 - ``evaluate``: generation with and without the adapter, a style score; CLI
 - ``launch``: start ranks from Python and follow a fine-tune live
+- ``scaling``: a finished 1-rank and N-rank run read back, for chapter 5 (``COURSE_CH5_RUNS``)
 - ``logistic_regression``: chapter 1's first model
 
 Several machines

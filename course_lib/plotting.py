@@ -119,54 +119,145 @@ _LAYOUT_TILES = [("embed_tokens.weight", "embedding"), ("self_attn.q_proj.weight
                  ("self_attn.k_proj.weight", "k"), ("self_attn.v_proj.weight", "v"),
                  ("self_attn.o_proj.weight", "o"), ("mlp.gate_proj.weight", "gate"),
                  ("mlp.up_proj.weight", "up"), ("mlp.down_proj.weight", "down")]
+# Okabe-Ito colours, one per rank (readable with the common colour-vision deficiencies).
+_RANK_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
+                 "#000000")
+_WHOLE = "#BBBBBB"
+
+
+def _layout_strips(rows: int, cols: int, fold: int) -> list[tuple[int, int, float]]:
+    """A ``rows`` x ``cols`` matrix cut into strips of at most ``fold`` rows laid side by
+    side: ``[(first_row, end_row, x)]``, x in the matrix's own columns (gap 8% of one)."""
+    k = -(-rows // fold)
+    size = -(-rows // k)
+    return [(i * size, min(rows, (i + 1) * size), i * cols * 1.08) for i in range(k)]
+
+
+def _layout_pieces(rows, cols, axis, ranks):
+    """``[(rank or None, first_row, end_row, first_col, end_col)]``: the part of a
+    ``rows`` x ``cols`` matrix each rank holds (None: whole on every rank)."""
+    if axis is None:
+        return [(None, 0, rows, 0, cols)]
+    if axis == 0:
+        return [(k, k * rows // ranks, (k + 1) * rows // ranks, 0, cols) for k in range(ranks)]
+    return [(k, 0, rows, k * cols // ranks, (k + 1) * cols // ranks) for k in range(ranks)]
 
 
 def plot_sharding_layout(layouts: dict[str, list[dict]], ranks: int = 2, out=None):
-    """What each rank holds, one row of tiles per mode: the embedding and the seven
-    matrices of the first block (every block is split alike), each tile one whole matrix
-    (not to scale; its shape written under it), coloured by the rank that holds each part.
-    A matrix split along axis 0 (its rows: output features) is cut top to bottom, one
-    split along its last axis (input features) left to right; grey: whole on every rank.
+    """What each rank holds, one row per mode: the embedding and the seven matrices of the
+    first block (every block is split alike), coloured by the rank that holds each part
+    (grey: whole on every rank). A matrix split along axis 0 (its rows: output features)
+    is cut top to bottom, one split along its last axis (input features) left to right.
+
+    Drawn to scale: every matrix is a rectangle its real rows tall and columns wide, on
+    one scale for the whole figure (the square in the top row: a million parameters), so
+    areas compare as parameter counts do. An embedding far taller than the block's
+    matrices (SmolLM2's 49152 x 576) is drawn cut into strips of rows laid side by side,
+    same scale and same area; the figure says how many times the block's seven matrices
+    together it holds. The norms (vectors) are too small to draw.
 
     ``layouts`` maps a label to the ``layout`` rows of a run's ``summary.json``
-    (``summary["sharding"]["layout"]``: ``path``, ``shape``, ``whole``, ``axis``). Returns
-    the matplotlib ``Figure``; saves a PNG to ``out`` when given."""
+    (``summary["sharding"]["layout"]``: ``path``, ``shape``, ``whole``, ``axis``). Each
+    drawn piece is a patch whose ``gid`` is ``"LABEL|MATRIX|outline"`` (one per strip)
+    or ``"LABEL|MATRIX|rank K"`` / ``"LABEL|MATRIX|whole"``. Returns the matplotlib
+    ``Figure``; saves a PNG to ``out`` when given."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
 
-    fig, axes = plt.subplots(len(layouts), 1, figsize=(9, 1.45 * len(layouts) + 0.5),
-                             squeeze=False)
-    for ax, (label, rows) in zip(axes[:, 0], layouts.items()):
+    found = []  # per mode: [(name, rows, cols, axis)]
+    for rows in layouts.values():
         by_suffix = {}
         for r in rows:
             for suffix, _ in _LAYOUT_TILES:
-                if r["path"].endswith(suffix):
+                if r["path"].endswith(suffix) and len(r["whole"]) == 2:
                     by_suffix.setdefault(suffix, r)
-        for i, (suffix, name) in enumerate(_LAYOUT_TILES):
-            r = by_suffix.get(suffix)
-            if r is None:
-                continue
-            x = i * 1.25
-            axis = r["axis"]
-            if axis is None:
-                ax.add_patch(Rectangle((x, 0), 1, 1, color="0.75"))
-            for k in range(ranks if axis is not None else 0):
-                if axis == 0:  # rows: rank 0 on top
-                    rect = (x, 1 - (k + 1) / ranks), 1, 1 / ranks
-                else:
-                    rect = (x + k / ranks, 0), 1 / ranks, 1
-                ax.add_patch(Rectangle(*rect, color=f"C{k}", alpha=0.8))
-            ax.add_patch(Rectangle((x, 0), 1, 1, fill=False, edgecolor="black", lw=0.8))
-            ax.text(x + 0.5, -0.12, f"{name}\n{r['whole'][0]}x{r['whole'][1]}",
-                    ha="center", va="top", fontsize=8)
-        ax.set_xlim(-0.1, len(_LAYOUT_TILES) * 1.25)
-        ax.set_ylim(-0.75, 1.05)
+        found.append([(name, *by_suffix[s]["whole"], by_suffix[s]["axis"])
+                      for s, name in _LAYOUT_TILES if s in by_suffix])
+    tiles = [t for mode in found for t in mode]
+    if not tiles:
+        raise ValueError("no embedding or block matrices in these layouts")
+    block = [t for t in tiles if t[0] != "embedding"] or tiles
+    unit = min(c for _, _, c, _ in block)  # the hidden size, for a llama
+    fold = 2 * max(r for _, r, _, _ in block)
+    # Where every matrix goes (x of its left edge; its strips), mode by mode.
+    placed, width = [], 0.0
+    for mode in found:
+        x, here = 0.0, []
+        for name, r, c, axis in mode:
+            strips = _layout_strips(r, c, fold) if name == "embedding" else [(0, r, 0.0)]
+            here.append((name, r, c, axis, x, strips))
+            x += strips[-1][2] + c + (1.2 if name == "embedding" else 0.35) * unit
+        placed.append(here)
+        width = max(width, x)
+    tallest = max(min(r, fold) for _, r, _, _ in tiles)
+    ref = next(s for s in (10 ** e * m for e in range(8, -1, -1) for m in (5, 2, 1))
+               if s <= max(r for _, r, _, _ in block) * 0.75)
+    width += ref + 0.2 * unit
+    inches = min(9.6 / width, 1.9 / tallest)  # one scale for every panel; none too tall
+    label_h, title_h = 0.42 / inches, 0.3 / inches
+    panel = (tallest + label_h + title_h) * inches
+    head = 1.05
+    fig = plt.figure(figsize=(10, head + panel * len(layouts)))
+    height = fig.get_figheight()
+    for m, (label, here) in enumerate(zip(layouts, placed)):
+        ax = fig.add_axes((0.2 / 10, (height - head - (m + 1) * panel) / height,
+                           width * inches / 10, panel / height))
+        ax.set_xlim(0, width)
+        ax.set_ylim(-tallest - label_h, title_h)
         ax.set_axis_off()
-        ax.set_title(label, loc="left", fontsize=10)
-    handles = [Patch(color=f"C{k}", alpha=0.8, label=f"rank {k}") for k in range(ranks)]
-    handles.append(Patch(color="0.75", label="whole on every rank"))
-    fig.legend(handles=handles, loc="upper right", ncol=ranks + 1, fontsize=8)
-    fig.tight_layout()
+        ax.text(0, title_h * 0.55, label, fontsize=10, fontweight="bold", va="center")
+        for name, r, c, axis, x0, strips in here:
+            for part, a, b, c0, c1 in _layout_pieces(r, c, axis, ranks):
+                colour = _WHOLE if part is None else _RANK_COLOURS[part % 8]
+                gid = f"{label}|{name}|" + ("whole" if part is None else f"rank {part}")
+                for s0, s1, sx in strips:
+                    lo, hi = max(a, s0), min(b, s1)
+                    if lo < hi:
+                        ax.add_patch(Rectangle((x0 + sx + c0, -(hi - s0)), c1 - c0, hi - lo,
+                                               facecolor=colour, lw=0, gid=gid))
+            for s0, s1, sx in strips:
+                ax.add_patch(Rectangle((x0 + sx, -(s1 - s0)), c, s1 - s0, fill=False,
+                                       edgecolor="black", lw=0.6, gid=f"{label}|{name}|outline"))
+            span = strips[-1][2] + c
+            low = -min(r, fold) - 0.06 * label_h
+            if name != "embedding":
+                ax.text(x0 + span / 2, low, name, ha="center", va="top", fontsize=8)
+            elif m == 0 and len(strips) > 1:
+                others = sum(rr * cc for n, rr, cc, _, _, _ in here if n != "embedding")
+                ax.text(x0, low, f"embedding {r}x{c}, cut into {len(strips)} strips of "
+                        f"{strips[0][1]} rows"
+                        + (f":\n{r * c / others:.1f}x the parameters of the block's "
+                           f"{len(here) - 1} matrices together" if others else ""),
+                        ha="left", va="top", fontsize=7.5)
+            else:
+                ax.text(x0 + span / 2, low, "embedding" + (f" {r}x{c}" if m == 0 else ""),
+                        ha="center", va="top", fontsize=8)
+        shapes = {}
+        for name, r, c, _, _, _ in here:
+            if name != "embedding":
+                shapes.setdefault(f"{r}x{c}", []).append(name)
+        first = next((x0 for n, _, _, _, x0, _ in here if n != "embedding"), None)
+        if m == 0 and first is not None:
+            deepest = max(min(r, fold) for n, r, _, _, _, _ in here if n != "embedding")
+            ax.text(first, -deepest - 0.55 * label_h, "one block (rows x columns):\n" + "; ".join(
+                f"{', '.join(names)} {shape}" for shape, names in shapes.items()),
+                va="top", fontsize=7.5)
+        if m == 0:  # the scale: a square of ref x ref parameters
+            sx = width - ref
+            ax.add_patch(Rectangle((sx, -ref), ref, ref, fill=False, edgecolor="0.3",
+                                   ls="--", lw=0.8, gid="scale", clip_on=False))
+            ax.text(width, -ref - 0.06 * label_h,
+                    f"scale: {ref}x{ref}\n= {ref * ref:,} parameters",
+                    ha="right", va="top", fontsize=7)
+    handles = [Patch(color=_RANK_COLOURS[k % 8], label=f"rank {k}") for k in range(ranks)]
+    handles.append(Patch(color=_WHOLE, label="whole on every rank"))
+    fig.legend(handles=handles, loc="center left", ncol=ranks + 1, fontsize=8,
+               bbox_to_anchor=(0.01, 1 - 0.8 / height), frameon=False)
+    fig.text(0.02, 1 - 0.22 / height, "What each rank holds: the embedding and one block's "
+             "matrices, to scale (area = parameters)", fontsize=10.5, fontweight="bold",
+             va="center")
+    fig.text(0.02, 1 - 0.5 / height, "split by rows (axis 0, output features): cut top to "
+             "bottom; by columns (input features): left to right", fontsize=8, va="center")
     if out is not None:
         fig.savefig(out, dpi=100)
         plt.close(fig)

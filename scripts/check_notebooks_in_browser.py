@@ -7,7 +7,8 @@ For each notebook (default: all of notebooks/*.ipynb) it starts JupyterLab on lo
 (its own settings folder: cells rendered all at once rather than as they scroll into view),
 loads the notebook's page in Debian's headless Chromium, and reads the rendered page: it
 fails when the page shows ``HBox(children=`` (a widget that did not render),
-``Traceback``, or fewer images than the notebook stores plots, or when one of the first
+``Traceback``, or fewer images than the notebook stores plots, or a stored figure that is
+not among them, or when one of the first
 three stored text outputs (their first line) is missing. Exit status 0 when every notebook passes, 1 otherwise, 2 when Chromium or
 JupyterLab is missing. ``tests/test_notebooks_in_browser.py`` runs it.
 """
@@ -87,19 +88,21 @@ def render(chrome: str, url: str, profile: Path, screenshot: Path | None,
 
 
 def expected(notebook: Path) -> dict:
-    """What a reader must see: the number of stored plots, and a few stored text lines."""
+    """What a reader must see: the stored plots (the start of each PNG's base64, which the
+    page's ``<img src="data:image/png;base64,...">`` carries), and a few stored text lines."""
     nb = json.loads(notebook.read_text())
-    plots, lines = 0, []
+    plots, lines, pictures = 0, [], []
     for cell in nb["cells"]:
         for out in cell.get("outputs", []):
             data = out.get("data", {})
             if "image/png" in data:  # shown as the picture: its text/plain is not on the page
                 plots += 1
+                pictures.append("".join(data["image/png"]).replace("\n", "")[:80])
                 continue
             text = "".join(out.get("text", "") or data.get("text/plain", "")).strip().splitlines()
             if text and len(lines) < 3 and len(text[0]) > 20:
                 lines.append(text[0][:60])
-    return {"plots": plots, "lines": lines}
+    return {"plots": plots, "lines": lines, "pictures": pictures}
 
 
 def check(dom: str, want: dict) -> list[str]:
@@ -116,6 +119,9 @@ def check(dom: str, want: dict) -> list[str]:
     images = len(re.findall(r'<img[^>]+src="data:image/png', dom))
     if images < want["plots"]:
         problems.append(f"{images} plots on the page, {want['plots']} stored")
+    shown = sum(p in dom for p in want.get("pictures", []))
+    if shown < len(want.get("pictures", [])):
+        problems.append(f"{len(want['pictures']) - shown} stored figure(s) not on the page")
     squashed = " ".join(text.split())
     for line in want["lines"]:
         if " ".join(line.split()) not in squashed:

