@@ -6,20 +6,27 @@ nbval compares a chapter's outputs, not the sentences around them: a re-executed
 text written for an earlier run. This check reads each markdown cell of a notebook (or a
 Markdown file such as the README), takes every number it states, and looks for it in the
 evidence: the notebook's stored outputs and code, and the ``benchmarks/results/*.json`` files
-the text names (a README's evidence is every results file it names, and the tables of the
-files it links). A number is found when some value of the evidence, rounded to the precision
-the prose states it with (``1.43`` to two decimals, ``about 4,900`` to the hundreds, ``18x``
-to a whole number), equals it, in the same unit or a unit 10^3 or 10^6 apart (``0.129 s`` is
-``129 ms``) or as a percentage (``0.09`` is ``9%``).
+the text names. A Markdown file speaks for the whole course: its evidence is every chapter's
+outputs, every results file and its own quoted code blocks. A number is found when some value
+of the evidence, rounded to the precision the prose states it with (``1.43`` to two
+decimals, ``about 4,900`` to two significant digits, ``18x`` to a whole number), equals it, in
+the same class of unit (``0.129 s`` is ``129 ms``, ``13.5 MiB`` is 14,155,776 bytes), as a
+percentage (``0.09`` is ``9%``), or as a bare number (a table's cell, a results field).
 
 What the prose may state without evidence is one reviewed list, ``CONSTANTS`` below: the
 numbers of the text itself (chapter and cell numbers, "2 ranks", "rank 8", "80/20"), each
 with its reason. Numbers inside code spans, code blocks, links' targets and math are the
 code's, not claims about a run, and are not read.
 
+What it cannot do: a number of one significant digit ("2", "0.5") is found in almost any
+evidence, and a stated number can match an unrelated stored value that happens to round to
+it; so the check catches a sentence written for another run, not every wrong number. Where a
+sentence states a run's numbers, the chapters print it from the values instead
+(``IPython.display.Markdown``), and then there is nothing to drift.
+
 Exit status 0 when every number is found, 1 otherwise (each missing number printed with its
 file, cell and sentence), 2 on bad arguments. ``tests/test_prose_numbers.py`` runs it on the
-six chapters and both READMEs.
+six chapters, the three READMEs and ``docs/WORKSHOP.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 DEFAULT_FILES = CHAPTERS + [
-    REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "notebooks" / "README.md"]
+    REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "notebooks" / "README.md",
+    REPO / "docs" / "WORKSHOP.md"]
 
 # A number as prose writes it: 4,900 or 4900 or 1.43 or 2.0e-3 or 2.0e-03, with an optional
 # minus. Not part of a word or identifier (SmolLM2, ZeRO-3, 0.32.2, 2026-12-05 are skipped
@@ -53,6 +61,7 @@ CONSTANTS: list[tuple[str, str]] = [
     (r"\b(macOS|Python|MPI|mlx|MLX|mlx-lm|mlx_lm|Debian|Ubuntu|Homebrew|bash|version|"
      r"llama-cpp-python|gguf|TensorBoard|nbval|JupyterLab) #", "a version"),
     (r"\bdefault #", "an option's default, which --help prints"),
+    (r"\b(exit status|exited|exits|exit code)\s#", "a process's exit status (2, 137, 255)"),
     (r"\b(chapters?|ch|cells?|sections?|steps? \d+ and|issue|part|lane|stage|stages|figure)\s*#",
      "a reference to a chapter, cell, section or figure"),
     (r"\bchapters? [\d, ]*(and|or|to) #", "a reference to chapters"),

@@ -36,3 +36,18 @@ def test_the_check_fails_on_a_widget_that_did_not_render(tmp_path):
     nbformat.write(nb, notebook)
     proc = run([PY, SCRIPT, notebook], check=False, timeout=600)
     assert proc.returncode == 1 and "the page shows 'HBox(children='" in proc.stdout
+
+
+def test_the_check_fails_on_a_page_without_a_stored_figure():
+    """A page that shows another picture than the one the notebook stores (or none) fails:
+    the check compares the start of each stored PNG with the page's images."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_in_browser", SCRIPT)
+    checker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checker)
+    want = {"plots": 1, "lines": [], "pictures": ["iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" + "A" * 20]}
+    page = '<div class="jp-Notebook"><img src="data:image/png;base64,{}"></div>'
+    assert checker.check(page.format(want["pictures"][0] + "rest"), want) == []
+    assert checker.check(page.format("iVBORw0KGgoOTHER"), want) == [
+        "1 stored figure(s) not on the page"]
