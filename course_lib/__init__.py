@@ -35,6 +35,10 @@ Looking at a run
 - ``scaling``: a finished 1-rank and N-rank run read back, for chapter 5 (``COURSE_CH5_RUNS``)
 - ``logistic_regression``: chapter 1's first model
 
+Learning by doing
+- ``exercises``: exercises with ``check()``, ``hint()`` and ``solution()``, the distributed
+  ones checked on 2 real ranks (a package; its ``__init__`` lists its modules)
+
 Several machines
 - ``hostfile``: which machines the ranks run on
 - ``ssh``: the OpenSSH options the tools share

@@ -76,6 +76,86 @@ def _chunk_text(chunk: int, holders: tuple, n: int) -> str:
     return "\n+".join("+".join(terms[i:i + 2]) for i in range(0, len(terms), 2))
 
 
+def _draw_ring_buffers(ax, st: dict, n: int, shade) -> None:
+    """One step's buffers: a row of N chunks per rank, darker the more ranks each sums,
+    the chunks that just changed outlined thick."""
+    from matplotlib.patches import Rectangle
+
+    changed = {(dst, c) for _, c, dst in st["sends"]}
+    for r in range(n):
+        for c in range(n):
+            holders = st["state"][r][c]
+            level = (len(holders) - 1) / (n - 1)
+            face = shade(0.08 + 0.92 * level)
+            bold = (r, c) in changed
+            ax.add_patch(Rectangle((c + 0.04, -r - 0.4), 0.92, 0.8, facecolor=face,
+                                   edgecolor="black", lw=2.2 if bold else 0.5,
+                                   gid="chunk"))
+            text = _chunk_text(c, holders, n)
+            size = 7.5 if len(holders) in (1, n) else 6.5 if n <= 4 else 5.8
+            ax.text(c + 0.5, -r, text, ha="center", va="center", fontsize=size,
+                    color="white" if level > 0.45 else "black",
+                    fontweight="bold" if len(holders) == n else "normal")
+        ax.text(-0.1, -r, f"rank {r}", ha="right", va="center", fontsize=7.5)
+
+
+def _draw_ring_sends(ax, st: dict, n: int) -> None:
+    """One step's sends, right of the buffers: an arrow from each rank to the next, named
+    by the chunk it carries; rank N-1's back up to rank 0 dashed, further right."""
+    from matplotlib.patches import FancyArrowPatch
+
+    x = n + 0.1
+    for src, c, dst in st["sends"]:
+        name = "abcdefghijklmnopqrstuvwxyz"[c]
+        if dst == src + 1:  # a hop down to the next row, bulging right
+            ends, rad, ls = ((x, -src - 0.08), (x, -dst + 0.08)), -0.5, "-"
+            label = {"xy": (x + 0.26, -src - 0.5), "ha": "left"}
+        else:  # rank N-1 back up to rank 0, further right: the ring closes
+            ends, rad, ls = ((x + 0.6, -src), (x + 0.6, -dst)), 0.7 / (n - 1), "--"
+            label = {"xy": (x + 0.6 + 0.35, -(n - 1) / 2), "ha": "center",
+                     "bbox": {"boxstyle": "square,pad=0.05", "fc": "white", "lw": 0}}
+        ax.add_patch(FancyArrowPatch(*ends, connectionstyle=f"arc3,rad={rad}",
+                                     arrowstyle="-|>", mutation_scale=9, lw=1.2,
+                                     color=VERMILLION, linestyle=ls, gid="send"))
+        ax.annotate(name, va="center", fontsize=7, color=VERMILLION, **label)
+
+
+def _title_ring_panel(ax, st: dict, n: int) -> None:
+    """A step's title: start and end in black, reduce-scatter in blue, all-gather green."""
+    if st["phase"] == "start":
+        title = "start: each rank's own buffer"
+    elif st["phase"] == "end":
+        title = "end: every rank has the sum"
+    else:
+        verb = "add" if st["phase"] == "reduce-scatter" else "keep"
+        title = f"{st['phase']} {st['step']}/{n - 1}: send 1 chunk, {verb}"
+    ax.set_title(title, fontsize=8.5, color="black" if st["phase"] in ("start", "end")
+                 else (BLUE if st["phase"] == "reduce-scatter" else GREEN))
+
+
+def _draw_ring_panel(ax, st: dict, n: int, shade) -> None:
+    """One step of the ring all-reduce in its own axes: buffers, sends, title."""
+    _draw_ring_buffers(ax, st, n, shade)
+    _draw_ring_sends(ax, st, n)
+    ax.set_xlim(-0.75, n + 1.1)
+    ax.set_ylim(-n + 0.45, 0.55)
+    ax.set_axis_off()
+    _title_ring_panel(ax, st, n)
+
+
+def _caption_ring(fig, n: int) -> None:
+    """The ring figure's title (the bytes and steps each rank sends) and its footnote."""
+    fig.suptitle(f"Ring all-reduce over N = {n} ranks (Patarasuk and Yuan 2009)\n"
+                 f"each rank sends 2(N-1)/N = {2 * (n - 1)}/{n} = {2 * (n - 1) / n:.3g} "
+                 f"times its buffer, in 2(N-1) = {2 * (n - 1)} steps",
+                 fontsize=10.5, fontweight="bold")
+    fig.text(0.5, 0.005, "Each buffer is cut into N chunks. Reduce-scatter: N-1 steps, each "
+             "rank sends one chunk to the next, which adds it to its own (darker = more "
+             "ranks summed). All-gather: N-1 steps passing the finished chunks (Σ) on. "
+             "Arrows: what each rank sends in that step.", ha="center", va="bottom",
+             fontsize=7.5, wrap=True)
+
+
 def ring_all_reduce(ranks: int = 4, out=None):
     """The ring all-reduce (Patarasuk and Yuan, "Bandwidth optimal all-reduce algorithms
     for clusters of workstations", JPDC 69(2), 2009; the algorithm of NCCL, MPI and MLX's
@@ -96,7 +176,6 @@ def ring_all_reduce(ranks: int = 4, out=None):
     ``ranks``: N, 2 to 5. ``out``: save a PNG there. Returns the matplotlib ``Figure``.
     """
     from matplotlib.colors import LinearSegmentedColormap
-    from matplotlib.patches import FancyArrowPatch, Rectangle
 
     n = int(ranks)
     if not 2 <= n <= 5:
@@ -107,58 +186,8 @@ def ring_all_reduce(ranks: int = 4, out=None):
     fig = _figure(0.75 + rows * (0.45 + 0.42 * n))
     shade = LinearSegmentedColormap.from_list("contributions", ["#E8F1FA", BLUE, "#002F4F"])
     for i, st in enumerate(steps):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        changed = {(dst, c) for _, c, dst in st["sends"]}
-        for r in range(n):
-            for c in range(n):
-                holders = st["state"][r][c]
-                level = (len(holders) - 1) / (n - 1)
-                face = shade(0.08 + 0.92 * level)
-                bold = (r, c) in changed
-                ax.add_patch(Rectangle((c + 0.04, -r - 0.4), 0.92, 0.8, facecolor=face,
-                                       edgecolor="black", lw=2.2 if bold else 0.5,
-                                       gid="chunk"))
-                text = _chunk_text(c, holders, n)
-                size = 7.5 if len(holders) in (1, n) else 6.5 if n <= 4 else 5.8
-                ax.text(c + 0.5, -r, text, ha="center", va="center", fontsize=size,
-                        color="white" if level > 0.45 else "black",
-                        fontweight="bold" if len(holders) == n else "normal")
-            ax.text(-0.1, -r, f"rank {r}", ha="right", va="center", fontsize=7.5)
-        x = n + 0.1
-        for src, c, dst in st["sends"]:
-            name = "abcdefghijklmnopqrstuvwxyz"[c]
-            if dst == src + 1:  # a hop down to the next row, bulging right
-                ends, rad, ls = ((x, -src - 0.08), (x, -dst + 0.08)), -0.5, "-"
-                label = {"xy": (x + 0.26, -src - 0.5), "ha": "left"}
-            else:  # rank N-1 back up to rank 0, further right: the ring closes
-                ends, rad, ls = ((x + 0.6, -src), (x + 0.6, -dst)), 0.7 / (n - 1), "--"
-                label = {"xy": (x + 0.6 + 0.35, -(n - 1) / 2), "ha": "center",
-                         "bbox": {"boxstyle": "square,pad=0.05", "fc": "white", "lw": 0}}
-            ax.add_patch(FancyArrowPatch(*ends, connectionstyle=f"arc3,rad={rad}",
-                                         arrowstyle="-|>", mutation_scale=9, lw=1.2,
-                                         color=VERMILLION, linestyle=ls, gid="send"))
-            ax.annotate(name, va="center", fontsize=7, color=VERMILLION, **label)
-        ax.set_xlim(-0.75, n + 1.1)
-        ax.set_ylim(-n + 0.45, 0.55)
-        ax.set_axis_off()
-        if st["phase"] == "start":
-            title = "start: each rank's own buffer"
-        elif st["phase"] == "end":
-            title = "end: every rank has the sum"
-        else:
-            verb = "add" if st["phase"] == "reduce-scatter" else "keep"
-            title = f"{st['phase']} {st['step']}/{n - 1}: send 1 chunk, {verb}"
-        ax.set_title(title, fontsize=8.5, color="black" if st["phase"] in ("start", "end")
-                     else (BLUE if st["phase"] == "reduce-scatter" else GREEN))
-    fig.suptitle(f"Ring all-reduce over N = {n} ranks (Patarasuk and Yuan 2009)\n"
-                 f"each rank sends 2(N-1)/N = {2 * (n - 1)}/{n} = {2 * (n - 1) / n:.3g} "
-                 f"times its buffer, in 2(N-1) = {2 * (n - 1)} steps",
-                 fontsize=10.5, fontweight="bold")
-    fig.text(0.5, 0.005, "Each buffer is cut into N chunks. Reduce-scatter: N-1 steps, each "
-             "rank sends one chunk to the next, which adds it to its own (darker = more "
-             "ranks summed). All-gather: N-1 steps passing the finished chunks (Σ) on. "
-             "Arrows: what each rank sends in that step.", ha="center", va="bottom",
-             fontsize=7.5, wrap=True)
+        _draw_ring_panel(fig.add_subplot(rows, cols, i + 1), st, n, shade)
+    _caption_ring(fig, n)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95), w_pad=0.2, h_pad=0.6)
     return _finish(fig, out)
 
@@ -210,6 +239,106 @@ _FSDP_LABELS = {"all-gather": "all-gather a block's weights (from every rank's 1
                 "forward": "forward of a block", "backward": "backward of a block",
                 "recompute": "recompute its forward (activation checkpointing)",
                 "optimizer": "Adam step on my 1/N shard"}
+_FSDP_LANES = {"communication": 1.0, "computation": 0.0}  # lane: its y
+
+
+def _draw_fsdp_events(ax, events: list[dict]) -> None:
+    """Each event a box in its lane, as long as it lasts, named by its block ("Adam": the
+    optimizer step); a recompute hatched."""
+    from matplotlib.patches import Rectangle
+
+    for e in events:
+        y = _FSDP_LANES[e["lane"]]
+        ax.add_patch(Rectangle((e["start"], y - 0.3), e["seconds"], 0.6,
+                               facecolor=_FSDP_COLOURS[e["kind"]], edgecolor="white", lw=1,
+                               gid=e["kind"], hatch="//" if e["kind"] == "recompute" else None))
+        text = "Adam" if e["kind"] == "optimizer" else str(e["block"])
+        ax.text(e["start"] + e["seconds"] / 2, y, text, ha="center", va="center",
+                fontsize=7 if e["kind"] == "optimizer" else 8, fontweight="bold",
+                color="black" if e["kind"] == "recompute" else "white")
+
+
+def _draw_fsdp_phases(ax, events: list[dict], blocks: int, end: float) -> None:
+    """Brackets above the lanes for the forward pass, the backward pass and the optimizer
+    step, with a dotted line where each ends."""
+    # The backward pass starts with the last block's second all-gather.
+    forward_end = next(e["start"] for e in events if e["kind"] in ("backward", "recompute"))
+    forward_end -= 1.0
+    backward_end = events[-1]["start"]
+    for x0, x1, label in ((0, forward_end, f"forward pass: block 1 → {blocks}"),
+                          (forward_end, backward_end, f"backward pass: block {blocks} → 1"),
+                          (backward_end, end, "optimizer")):
+        ax.annotate("", (x0 + 0.05, 1.55), (x1 - 0.05, 1.55),
+                    arrowprops={"arrowstyle": "|-|", "lw": 0.8, "shrinkA": 0, "shrinkB": 0})
+        ax.text((x0 + x1) / 2, 1.65, label, ha="center", va="bottom", fontsize=9)
+        ax.axvline(x1, color="0.6", lw=0.6, ls=":")
+
+
+def _style_fsdp_lanes(ax) -> None:
+    """The lanes' axes: named lanes on y, no x ticks (the memory plot below has the time)."""
+    ax.set_yticks(list(_FSDP_LANES.values()), list(_FSDP_LANES))
+    ax.set_ylim(-0.55, 2.05)
+    ax.tick_params(axis="x", labelbottom=False, length=0)
+    ax.tick_params(axis="y", length=0)
+    for s in ("top", "right", "bottom"):
+        ax.spines[s].set_visible(False)
+
+
+def _legend_fsdp_events(fig, recompute: bool) -> None:
+    """The figure's legend at the bottom: one entry per kind of event drawn."""
+    from matplotlib.patches import Patch
+
+    kinds = [k for k in _FSDP_COLOURS if recompute or k != "recompute"]
+    fig.legend(handles=[Patch(facecolor=_FSDP_COLOURS[k], hatch="//" if k == "recompute"
+                              else None, label=_FSDP_LABELS[k]) for k in kinds],
+               loc="lower center", ncol=3, fontsize=7.5, frameon=False)
+
+
+def _draw_fsdp_memory(mem, held: list[dict], end: float) -> None:
+    """Memory: the shard (a band) and, stacked on it, what is gathered, block by block;
+    its legend and axes."""
+    from matplotlib.patches import Patch, Rectangle
+
+    shard = 1.2
+    mem.add_patch(Rectangle((0, 0), end, shard, facecolor=GREY, lw=0, gid="shard"))
+    mem.text(0.3, shard / 2, "always: this rank's shard, 1/N of every block's weights, "
+             "gradients and Adam moments", va="center", fontsize=7.5)
+    for h in held:
+        colour = BLUE if h["kind"] == "weights" else VERMILLION
+        mem.add_patch(Rectangle((h["start"], shard + h["level"]), h["end"] - h["start"], 1,
+                                facecolor=colour, alpha=0.6, edgecolor="white", lw=1.5,
+                                gid=h["kind"]))
+        if h["end"] - h["start"] >= 2:
+            mem.text((h["start"] + h["end"]) / 2, shard + h["level"] + 0.5,
+                     f"{'weights' if h['kind'] == 'weights' else 'grad.'} {h['block']}",
+                     ha="center", va="center", fontsize=6.5)
+    mem.legend(handles=[Patch(facecolor=BLUE, alpha=0.6, label="one block's whole weights "
+                              "(gathered; freed after its compute)"),
+                        Patch(facecolor=VERMILLION, alpha=0.6, label="its whole gradient "
+                              "(freed after the reduce-scatter)")],
+               loc="upper left", fontsize=7, frameon=False, ncol=2,
+               bbox_to_anchor=(0.0, 1.12))
+    mem.set_ylim(0, shard + 2.7)
+    mem.set_yticks([])
+    mem.set_ylabel("memory held\n(not to scale)", fontsize=8)
+    mem.set_xlim(-0.2, end + 0.9)
+    mem.set_xticks([])
+    mem.set_xlabel("time in one training step (schematic) →", fontsize=8)
+    for s in ("top", "right"):
+        mem.spines[s].set_visible(False)
+
+
+def _caption_fsdp(fig, blocks: int, recompute: bool) -> None:
+    """The FSDP figure's title (its collectives) and the line under it (recompute or not)."""
+    note = ("The backward pass gathers each block again (its weights were freed) but does "
+            "not recompute the forward: the forward's activations were kept."
+            if not recompute else
+            "Here each block's backward first recomputes its forward (activation "
+            "checkpointing), as course_lib's --sharding fsdp does.")
+    fig.suptitle(f"One FSDP (ZeRO-3) training step on one rank, {blocks} blocks: "
+                 f"{2 * blocks} all-gathers, {blocks} reduce-scatters", fontsize=10.5,
+                 fontweight="bold", y=0.99)
+    fig.text(0.5, 0.925, note, ha="center", fontsize=8)
 
 
 def fsdp_timeline(blocks: int = 4, out=None, *, recompute: bool = False):
@@ -241,8 +370,6 @@ def fsdp_timeline(blocks: int = 4, out=None, *, recompute: bool = False):
     ``blocks``: transformer blocks, 1 to 12. ``out``: save a PNG there. Returns the
     matplotlib ``Figure``.
     """
-    from matplotlib.patches import Patch, Rectangle
-
     blocks = int(blocks)
     if not 1 <= blocks <= 12:
         raise ValueError(f"blocks must be 1 to 12 for a readable picture, got {blocks}")
@@ -252,74 +379,12 @@ def fsdp_timeline(blocks: int = 4, out=None, *, recompute: bool = False):
     grid = fig.add_gridspec(2, 1, height_ratios=[2.1, 1.4], hspace=0.12)
     ax = fig.add_subplot(grid[0])
     mem = fig.add_subplot(grid[1], sharex=ax)
-    lanes = {"communication": 1.0, "computation": 0.0}
-    for e in events:
-        y = lanes[e["lane"]]
-        ax.add_patch(Rectangle((e["start"], y - 0.3), e["seconds"], 0.6,
-                               facecolor=_FSDP_COLOURS[e["kind"]], edgecolor="white", lw=1,
-                               gid=e["kind"], hatch="//" if e["kind"] == "recompute" else None))
-        text = "Adam" if e["kind"] == "optimizer" else str(e["block"])
-        ax.text(e["start"] + e["seconds"] / 2, y, text, ha="center", va="center",
-                fontsize=7 if e["kind"] == "optimizer" else 8, fontweight="bold",
-                color="black" if e["kind"] == "recompute" else "white")
-    # The backward pass starts with the last block's second all-gather.
-    forward_end = next(e["start"] for e in events if e["kind"] in ("backward", "recompute"))
-    forward_end -= 1.0
-    backward_end = events[-1]["start"]
-    for x0, x1, label in ((0, forward_end, f"forward pass: block 1 → {blocks}"),
-                          (forward_end, backward_end, f"backward pass: block {blocks} → 1"),
-                          (backward_end, end, "optimizer")):
-        ax.annotate("", (x0 + 0.05, 1.55), (x1 - 0.05, 1.55),
-                    arrowprops={"arrowstyle": "|-|", "lw": 0.8, "shrinkA": 0, "shrinkB": 0})
-        ax.text((x0 + x1) / 2, 1.65, label, ha="center", va="bottom", fontsize=9)
-        ax.axvline(x1, color="0.6", lw=0.6, ls=":")
-    ax.set_yticks(list(lanes.values()), list(lanes))
-    ax.set_ylim(-0.55, 2.05)
-    ax.tick_params(axis="x", labelbottom=False, length=0)
-    ax.tick_params(axis="y", length=0)
-    for s in ("top", "right", "bottom"):
-        ax.spines[s].set_visible(False)
-    kinds = [k for k in _FSDP_COLOURS if recompute or k != "recompute"]
-    fig.legend(handles=[Patch(facecolor=_FSDP_COLOURS[k], hatch="//" if k == "recompute"
-                              else None, label=_FSDP_LABELS[k]) for k in kinds],
-               loc="lower center", ncol=3, fontsize=7.5, frameon=False)
-    # Memory: the shard (a band) and, stacked on it, what is gathered, block by block.
-    shard = 1.2
-    mem.add_patch(Rectangle((0, 0), end, shard, facecolor=GREY, lw=0, gid="shard"))
-    mem.text(0.3, shard / 2, "always: this rank's shard, 1/N of every block's weights, "
-             "gradients and Adam moments", va="center", fontsize=7.5)
-    for h in held:
-        colour = BLUE if h["kind"] == "weights" else VERMILLION
-        mem.add_patch(Rectangle((h["start"], shard + h["level"]), h["end"] - h["start"], 1,
-                                facecolor=colour, alpha=0.6, edgecolor="white", lw=1.5,
-                                gid=h["kind"]))
-        if h["end"] - h["start"] >= 2:
-            mem.text((h["start"] + h["end"]) / 2, shard + h["level"] + 0.5,
-                     f"{'weights' if h['kind'] == 'weights' else 'grad.'} {h['block']}",
-                     ha="center", va="center", fontsize=6.5)
-    mem.legend(handles=[Patch(facecolor=BLUE, alpha=0.6, label="one block's whole weights "
-                              "(gathered; freed after its compute)"),
-                        Patch(facecolor=VERMILLION, alpha=0.6, label="its whole gradient "
-                              "(freed after the reduce-scatter)")],
-               loc="upper left", fontsize=7, frameon=False, ncol=2,
-               bbox_to_anchor=(0.0, 1.12))
-    mem.set_ylim(0, shard + 2.7)
-    mem.set_yticks([])
-    mem.set_ylabel("memory held\n(not to scale)", fontsize=8)
-    mem.set_xlim(-0.2, end + 0.9)
-    mem.set_xticks([])
-    mem.set_xlabel("time in one training step (schematic) →", fontsize=8)
-    for s in ("top", "right"):
-        mem.spines[s].set_visible(False)
-    note = ("The backward pass gathers each block again (its weights were freed) but does "
-            "not recompute the forward: the forward's activations were kept."
-            if not recompute else
-            "Here each block's backward first recomputes its forward (activation "
-            "checkpointing), as course_lib's --sharding fsdp does.")
-    fig.suptitle(f"One FSDP (ZeRO-3) training step on one rank, {blocks} blocks: "
-                 f"{2 * blocks} all-gathers, {blocks} reduce-scatters", fontsize=10.5,
-                 fontweight="bold", y=0.99)
-    fig.text(0.5, 0.925, note, ha="center", fontsize=8)
+    _draw_fsdp_events(ax, events)
+    _draw_fsdp_phases(ax, events, blocks, end)
+    _style_fsdp_lanes(ax)
+    _legend_fsdp_events(fig, recompute)
+    _draw_fsdp_memory(mem, held, end)
+    _caption_fsdp(fig, blocks, recompute)
     fig.subplots_adjust(left=0.125, right=0.99, top=0.86, bottom=0.16)
     return _finish(fig, out)
 
@@ -336,6 +401,150 @@ def rate_text(bits_per_second: float) -> str:
 def latency_text(seconds: float) -> str:
     """``1.5 ms``, ``50 µs``."""
     return f"{seconds * 1e3:g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:g} µs"
+
+
+def _lab_names():
+    """What the lab picture names, from the lab's own modules (imported when a lab is
+    drawn): ``.default_name`` (its namespaces' prefix), ``.shapes``, ``.check_shape``,
+    ``.addresses``, ``.hostnames``, ``.interface``, ``.prefix_length``."""
+    from types import SimpleNamespace
+
+    from course_lib.lab import DEFAULT_NAME
+    from course_lib.lab_shapes import SHAPES, check_shape
+    from course_lib.lab_system import ADDRESSES, HOSTNAMES, INTERFACE, PREFIX_LENGTH
+
+    return SimpleNamespace(default_name=DEFAULT_NAME, shapes=SHAPES, check_shape=check_shape,
+                           addresses=ADDRESSES, hostnames=HOSTNAMES, interface=INTERFACE,
+                           prefix_length=PREFIX_LENGTH)
+
+
+# Where the lab's parts go, in data units of a 10 x 6.6 canvas.
+_LAB_HOSTS = {"a": 0.35, "b": 6.45}  # host: x of its box's left edge
+_LAB_RANK_Y = 1.95  # the bottom of the ranks' boxes
+_LAB_CABLE_Y = 3.1  # the veth cable
+_LAB_XB = _LAB_HOSTS["b"] + 1.3  # the middle of host b's column: prted over rank 1
+
+
+def _box(ax, x, y, w, h, face, edge="black", lw=1.0,
+         style="round,pad=0.02,rounding_size=0.08"):
+    from matplotlib.patches import FancyBboxPatch
+
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle=style, facecolor=face,
+                                edgecolor=edge, lw=lw))
+
+
+def _arrow(ax, a, b, colour="black", style="-|>", ls="-", rad=0.0, lw=1.2):
+    from matplotlib.patches import FancyArrowPatch
+
+    ax.add_patch(FancyArrowPatch(a, b, arrowstyle=style, mutation_scale=11, lw=lw,
+                                 color=colour, linestyle=ls,
+                                 connectionstyle=f"arc3,rad={rad}"))
+
+
+def _say(ax, x, y, text, size=8, **kw):
+    ax.text(x, y, text, fontsize=size, va=kw.pop("va", "center"), **kw)
+
+
+def _draw_lab_machine(ax, link: str, shape, lab) -> None:
+    """The title, the Linux machine's box and the two hosts' boxes in it (namespace, sshd)."""
+    joined = "an unshaped link" if shape is None else f"a link shaped like {link}"
+    _say(ax, 5, 6.42, f"The two-host lab: two hosts on one Linux machine, joined by {joined}",
+         11, ha="center", fontweight="bold")
+    _box(ax, 0.1, 1.55, 9.8, 4.6, "#F7F7F7", edge="0.4", lw=1.2)
+    _say(ax, 0.25, 5.92, "one Linux machine, as root:  python -m course_lib.lab up --shape "
+         f"{link}", 8.5, family="monospace")
+    for h, x0 in _LAB_HOSTS.items():
+        _box(ax, x0, 1.8, 3.2, 3.9, "#FFFFFF", edge=BLUE if h == "a" else ORANGE, lw=1.8)
+        _say(ax, x0 + 0.12, 5.45, f"host {h}: {lab.hostnames[h]}", 10.5, fontweight="bold")
+        _say(ax, x0 + 0.12, 5.15, f"network namespace {lab.default_name}-{h}", 7.5,
+             family="monospace")
+        _box(ax, x0 + 0.12, 4.3, 2.2, 0.5, SKY + "55")
+        _say(ax, x0 + 1.22, 4.55, f"sshd on {lab.addresses[h]}:22", 8.5, ha="center")
+
+
+def _draw_lab_host_a(ax, lab) -> None:
+    """Host a: mpirun (its command line and hostfile), which starts rank 0 here."""
+    rank_y = _LAB_RANK_Y
+    _box(ax, 0.47, 3.05, 2.6, 0.95, YELLOW + "66")
+    _say(ax, 0.55, 3.8, "mpirun -np 2 --hostfile hostfile", 7.5, family="monospace")
+    _say(ax, 0.55, 3.55, f"  --mca btl_tcp_if_include {lab.interface}", 7.5,
+         family="monospace")
+    _say(ax, 0.55, 3.25, f"hostfile: {lab.addresses['a']} slots=1\n"
+         f"          {lab.addresses['b']} slots=1", 6.5, family="monospace")
+    _box(ax, 0.47, rank_y, 1.6, 0.7, GREEN + "44")
+    _say(ax, 1.27, rank_y + 0.35, "rank 0", 10, ha="center", fontweight="bold")
+    _arrow(ax, (1.27, 3.05), (1.27, rank_y + 0.72))
+    _say(ax, 1.34, 2.85, "starts", 7)
+
+
+def _draw_lab_host_b(ax) -> None:
+    """Host b: its sshd starts prted, which starts rank 1."""
+    xb, rank_y = _LAB_XB, _LAB_RANK_Y
+    _box(ax, xb - 0.8, 3.1, 1.6, 0.65, PURPLE + "44")
+    _say(ax, xb, 3.42, "prted\n(Open MPI's daemon)", 7.5, ha="center")
+    _box(ax, xb - 0.8, rank_y, 1.6, 0.7, GREEN + "44")
+    _say(ax, xb, rank_y + 0.35, "rank 1", 10, ha="center", fontweight="bold")
+    for y0, y1 in ((4.3, 3.77), (3.1, rank_y + 0.72)):
+        _arrow(ax, (xb, y0), (xb, y1))
+        _say(ax, xb + 0.07, (y0 + y1) / 2, "starts", 7)
+
+
+def _draw_lab_link(ax, link: str, shape, lab) -> None:
+    """The link: lab0 at both ends, on the hosts' edges, the veth cable between, its tc
+    qdiscs, and above it the shape's name, rate and latency."""
+    cable_y = _LAB_CABLE_Y
+    ends = {"a": _LAB_HOSTS["a"] + 3.2, "b": _LAB_HOSTS["b"]}
+    for h, x in ends.items():
+        _box(ax, x - 0.4, cable_y - 0.35, 0.8, 0.7, "#DDDDDD", style="square,pad=0")
+        _say(ax, x, cable_y, f"{lab.interface}\n{lab.addresses[h]}/{lab.prefix_length}", 7,
+             ha="center", family="monospace")
+    x0, x1 = ends["a"] + 0.4, ends["b"] - 0.4
+    ax.plot([x0, x1], [cable_y, cable_y], color="black", lw=5, solid_capstyle="butt")
+    ax.plot([x0, x1], [cable_y, cable_y], color=YELLOW, lw=2.2)
+    _say(ax, 5, cable_y + 0.1, "veth pair", 8.5, ha="center", va="bottom", fontweight="bold")
+    _say(ax, 5, cable_y - 0.12, "(a virtual cable)", 7.5, ha="center", va="top")
+    tc = (f"tc on both ends: tbf {rate_text(shape.bits_per_second)}\n+ netem delay "
+          f"{latency_text(shape.latency_seconds)}" if shape else "no tc qdisc on either end")
+    _say(ax, 5, cable_y - 0.42, tc, 7, ha="center", va="top", color=VERMILLION)
+    shaped = ("unshaped: the bare veth, at memory speed" if shape is None else
+              f"{rate_text(shape.bits_per_second)} each way, "
+              f"{latency_text(shape.latency_seconds)} one way")
+    _say(ax, 5, 5.3, f"link: {link}", 10, ha="center", fontweight="bold", color=VERMILLION)
+    _say(ax, 5, 5.03, shaped, 8, ha="center", color=VERMILLION)
+
+
+def _draw_lab_traffic(ax, lab) -> None:
+    """ssh from mpirun to host b's sshd; the ranks' MPI messages; what the hosts share."""
+    rank_y = _LAB_RANK_Y
+    _arrow(ax, (3.07, 3.85), (_LAB_HOSTS["b"] + 0.12, 4.5), colour=BLUE, ls="--", rad=-0.12)
+    _say(ax, 5, 3.95, f"ssh {lab.addresses['b']} (key login):\nstart prted on host b", 7.5,
+         ha="center", va="top", color=BLUE)
+    _arrow(ax, (2.07, rank_y + 0.35), (_LAB_XB - 0.8, rank_y + 0.35), colour=GREEN,
+           style="<|-|>", lw=1.6)
+    _say(ax, 5, rank_y + 0.25, f"MPI messages (the all-reduce) over TCP on {lab.interface}",
+         7.5, ha="center", va="top", color=GREEN)
+    _say(ax, 0.25, 1.67, "Each host has its own network stack, host name and TMPDIR; both "
+         "share the file system (the same .venv and repository path). All traffic between "
+         f"them crosses {lab.interface}.", 7)
+
+
+def _draw_lab_shape_table(ax, link: str, lab) -> None:
+    """The shapes the lab knows (course_lib.lab_shapes), slowest first, ``link`` marked."""
+    _say(ax, 0.15, 1.3, "Link shapes (course_lib.lab_shapes.SHAPES):", 8.5, fontweight="bold")
+    _say(ax, 3.4, 1.3, "rate: tc tbf on both ends; latency: tc netem, where the kernel has "
+         "it (else the cost model adds it)", 7)
+    rows = [("--shape", "rate each way", "latency", "stands for")]
+    for name in sorted(lab.shapes, key=lambda k: lab.shapes[k].bits_per_second):
+        s = lab.shapes[name]
+        rows.append((name, rate_text(s.bits_per_second), latency_text(s.latency_seconds),
+                     s.stands_for))
+    rows.append(("none", "unshaped", "", "the bare veth"))
+    for i, (name, rate, latency, stands) in enumerate(rows):
+        chosen = name == link
+        _say(ax, 0.3, 1.03 - 0.21 * i, ("▶ " if chosen else "  ")
+             + f"{name:12} {rate:>13}  {latency:>7}   {stands}", 7.8, family="monospace",
+             fontweight="bold" if chosen or i == 0 else "normal",
+             color=VERMILLION if chosen else "black")
 
 
 def lab_topology(link: str = "wifi", out=None):
@@ -359,111 +568,18 @@ def lab_topology(link: str = "wifi", out=None):
     a PNG there. Returns the matplotlib ``Figure``; raises
     :class:`course_lib.lab_system.LabError` for an unknown shape.
     """
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-
-    from course_lib.lab import DEFAULT_NAME
-    from course_lib.lab_shapes import SHAPES, check_shape
-    from course_lib.lab_system import ADDRESSES, HOSTNAMES, INTERFACE, PREFIX_LENGTH
-
-    check_shape(link)
-    shape = SHAPES.get(link)
+    lab = _lab_names()
+    lab.check_shape(link)
+    shape = lab.shapes.get(link)
     fig = _figure(6.6)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, 10)
     ax.set_ylim(0, 6.6)
     ax.set_axis_off()
-
-    def box(x, y, w, h, face, edge="black", lw=1.0, style="round,pad=0.02,rounding_size=0.08"):
-        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle=style, facecolor=face,
-                                    edgecolor=edge, lw=lw))
-
-    def arrow(a, b, colour="black", style="-|>", ls="-", rad=0.0, lw=1.2):
-        ax.add_patch(FancyArrowPatch(a, b, arrowstyle=style, mutation_scale=11, lw=lw,
-                                     color=colour, linestyle=ls,
-                                     connectionstyle=f"arc3,rad={rad}"))
-
-    def say(x, y, text, size=8, **kw):
-        ax.text(x, y, text, fontsize=size, va=kw.pop("va", "center"), **kw)
-
-    joined = "an unshaped link" if shape is None else f"a link shaped like {link}"
-    say(5, 6.42, f"The two-host lab: two hosts on one Linux machine, joined by {joined}", 11,
-        ha="center", fontweight="bold")
-    box(0.1, 1.55, 9.8, 4.6, "#F7F7F7", edge="0.4", lw=1.2)
-    say(0.25, 5.92, f"one Linux machine, as root:  python -m course_lib.lab up --shape {link}",
-        8.5, family="monospace")
-    hosts = {"a": 0.35, "b": 6.45}
-    for h, x0 in hosts.items():
-        box(x0, 1.8, 3.2, 3.9, "#FFFFFF", edge=BLUE if h == "a" else ORANGE, lw=1.8)
-        say(x0 + 0.12, 5.45, f"host {h}: {HOSTNAMES[h]}", 10.5, fontweight="bold")
-        say(x0 + 0.12, 5.15, f"network namespace {DEFAULT_NAME}-{h}", 7.5,
-            family="monospace")
-        box(x0 + 0.12, 4.3, 2.2, 0.5, SKY + "55")
-        say(x0 + 1.22, 4.55, f"sshd on {ADDRESSES[h]}:22", 8.5, ha="center")
-    # Host a: mpirun starts rank 0 here and prted on host b over ssh.
-    box(0.47, 3.05, 2.6, 0.95, YELLOW + "66")
-    say(0.55, 3.8, "mpirun -np 2 --hostfile hostfile", 7.5, family="monospace")
-    say(0.55, 3.55, f"  --mca btl_tcp_if_include {INTERFACE}", 7.5, family="monospace")
-    say(0.55, 3.25, f"hostfile: {ADDRESSES['a']} slots=1\n          {ADDRESSES['b']} slots=1",
-        6.5, family="monospace")
-    rank_y = 1.95
-    box(0.47, rank_y, 1.6, 0.7, GREEN + "44")
-    say(1.27, rank_y + 0.35, "rank 0", 10, ha="center", fontweight="bold")
-    arrow((1.27, 3.05), (1.27, rank_y + 0.72))
-    say(1.34, 2.85, "starts", 7)
-    # Host b: its sshd starts prted, which starts rank 1.
-    xb = hosts["b"] + 1.3
-    box(xb - 0.8, 3.1, 1.6, 0.65, PURPLE + "44")
-    say(xb, 3.42, "prted\n(Open MPI's daemon)", 7.5, ha="center")
-    box(xb - 0.8, rank_y, 1.6, 0.7, GREEN + "44")
-    say(xb, rank_y + 0.35, "rank 1", 10, ha="center", fontweight="bold")
-    for y0, y1 in ((4.3, 3.77), (3.1, rank_y + 0.72)):
-        arrow((xb, y0), (xb, y1))
-        say(xb + 0.07, (y0 + y1) / 2, "starts", 7)
-    # The link: lab0 at both ends, on the hosts' edges, and the veth cable between.
-    cable_y = 3.1
-    ends = {"a": hosts["a"] + 3.2, "b": hosts["b"]}
-    for h, x in ends.items():
-        box(x - 0.4, cable_y - 0.35, 0.8, 0.7, "#DDDDDD", style="square,pad=0")
-        say(x, cable_y, f"{INTERFACE}\n{ADDRESSES[h]}/{PREFIX_LENGTH}", 7, ha="center",
-            family="monospace")
-    x0, x1 = ends["a"] + 0.4, ends["b"] - 0.4
-    ax.plot([x0, x1], [cable_y, cable_y], color="black", lw=5, solid_capstyle="butt")
-    ax.plot([x0, x1], [cable_y, cable_y], color=YELLOW, lw=2.2)
-    say(5, cable_y + 0.1, "veth pair", 8.5, ha="center", va="bottom", fontweight="bold")
-    say(5, cable_y - 0.12, "(a virtual cable)", 7.5, ha="center", va="top")
-    tc = (f"tc on both ends: tbf {rate_text(shape.bits_per_second)}\n+ netem delay "
-          f"{latency_text(shape.latency_seconds)}" if shape else "no tc qdisc on either end")
-    say(5, cable_y - 0.42, tc, 7, ha="center", va="top", color=VERMILLION)
-    shaped = ("unshaped: the bare veth, at memory speed" if shape is None else
-              f"{rate_text(shape.bits_per_second)} each way, "
-              f"{latency_text(shape.latency_seconds)} one way")
-    say(5, 5.3, f"link: {link}", 10, ha="center", fontweight="bold", color=VERMILLION)
-    say(5, 5.03, shaped, 8, ha="center", color=VERMILLION)
-    # ssh from mpirun to host b's sshd; the ranks' messages.
-    arrow((3.07, 3.85), (hosts["b"] + 0.12, 4.5), colour=BLUE, ls="--", rad=-0.12)
-    say(5, 3.95, f"ssh {ADDRESSES['b']} (key login):\nstart prted on host b", 7.5,
-        ha="center", va="top", color=BLUE)
-    arrow((2.07, rank_y + 0.35), (xb - 0.8, rank_y + 0.35), colour=GREEN, style="<|-|>",
-          lw=1.6)
-    say(5, rank_y + 0.25, f"MPI messages (the all-reduce) over TCP on {INTERFACE}", 7.5,
-        ha="center", va="top", color=GREEN)
-    say(0.25, 1.67, "Each host has its own network stack, host name and TMPDIR; both share "
-        "the file system (the same .venv and repository path). All traffic between them "
-        f"crosses {INTERFACE}.", 7)
-    # The shapes the lab knows, from course_lib.lab_shapes.
-    say(0.15, 1.3, "Link shapes (course_lib.lab_shapes.SHAPES):", 8.5, fontweight="bold")
-    say(3.4, 1.3, "rate: tc tbf on both ends; latency: tc netem, where the kernel has it "
-        "(else the cost model adds it)", 7)
-    rows = [("--shape", "rate each way", "latency", "stands for")]
-    for name in sorted(SHAPES, key=lambda k: SHAPES[k].bits_per_second):
-        s = SHAPES[name]
-        rows.append((name, rate_text(s.bits_per_second), latency_text(s.latency_seconds),
-                     s.stands_for))
-    rows.append(("none", "unshaped", "", "the bare veth"))
-    for i, (name, rate, latency, stands) in enumerate(rows):
-        chosen = name == link
-        say(0.3, 1.03 - 0.21 * i, ("▶ " if chosen else "  ")
-            + f"{name:12} {rate:>13}  {latency:>7}   {stands}", 7.8, family="monospace",
-            fontweight="bold" if chosen or i == 0 else "normal",
-            color=VERMILLION if chosen else "black")
+    _draw_lab_machine(ax, link, shape, lab)
+    _draw_lab_host_a(ax, lab)
+    _draw_lab_host_b(ax)
+    _draw_lab_link(ax, link, shape, lab)
+    _draw_lab_traffic(ax, lab)
+    _draw_lab_shape_table(ax, link, lab)
     return _finish(fig, out)

@@ -4,6 +4,7 @@ times, token lengths and sharding layouts (matplotlib; works without a display).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from course_lib.atomic import atomic_write
 
@@ -123,6 +124,7 @@ _LAYOUT_TILES = [("embed_tokens.weight", "embedding"), ("self_attn.q_proj.weight
 _RANK_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
                  "#000000")
 _WHOLE = "#BBBBBB"
+_LAYOUT_HEAD = 1.05  # inches above the panels: title, subtitle, legend
 
 
 def _layout_strips(rows: int, cols: int, fold: int) -> list[tuple[int, int, float]]:
@@ -141,6 +143,172 @@ def _layout_pieces(rows, cols, axis, ranks):
     if axis == 0:
         return [(k, k * rows // ranks, (k + 1) * rows // ranks, 0, cols) for k in range(ranks)]
     return [(k, 0, rows, k * cols // ranks, (k + 1) * cols // ranks) for k in range(ranks)]
+
+
+def _layout_matrices(layouts: dict[str, list[dict]]) -> list[list[tuple]]:
+    """Per mode (a layout), the matrices drawn, in ``_LAYOUT_TILES``' order: ``[(name, rows,
+    cols, axis)]`` from the first 2-D layout row whose path ends as the tile's does.
+    Raises ValueError when no mode has any."""
+    found = []
+    for rows in layouts.values():
+        by_suffix = {}
+        for r in rows:
+            for suffix, _ in _LAYOUT_TILES:
+                if r["path"].endswith(suffix) and len(r["whole"]) == 2:
+                    by_suffix.setdefault(suffix, r)
+        found.append([(name, *by_suffix[s]["whole"], by_suffix[s]["axis"])
+                      for s, name in _LAYOUT_TILES if s in by_suffix])
+    if not any(found):
+        raise ValueError("no embedding or block matrices in these layouts")
+    return found
+
+
+class _LayoutScale(NamedTuple):
+    """Where the layout's matrices go and how big, in the matrices' own units (one a row or
+    a column): ``placed`` per mode ``[(name, rows, cols, axis, x, strips)]`` (x of the left
+    edge; strips as :func:`_layout_strips`), the panels' ``width`` (scale square included),
+    the ``tallest`` matrix or strip, ``fold`` (the most rows a strip has), ``ref`` (the
+    scale square's side), ``inches`` per unit, the room for ``label_h`` under the matrices
+    and ``title_h`` above them (units), and a ``panel``'s height (inches)."""
+    placed: list
+    width: float
+    tallest: int
+    fold: int
+    ref: int
+    inches: float
+    label_h: float
+    title_h: float
+    panel: float
+
+
+def _layout_scale(found: list[list[tuple]]) -> _LayoutScale:
+    """One scale for every panel: the matrices laid left to right, the embedding cut into
+    strips of at most twice the block's tallest matrix, the whole at most 9.6 inches wide
+    and 1.9 tall; the scale square's side 1, 2 or 5 times a power of ten, at most 3/4 of
+    the block's tallest matrix's rows."""
+    tiles = [t for mode in found for t in mode]
+    block = [t for t in tiles if t[0] != "embedding"] or tiles
+    unit = min(c for _, _, c, _ in block)  # the hidden size, for a llama
+    fold = 2 * max(r for _, r, _, _ in block)
+    # Where every matrix goes (x of its left edge; its strips), mode by mode.
+    placed, width = [], 0.0
+    for mode in found:
+        x, here = 0.0, []
+        for name, r, c, axis in mode:
+            strips = _layout_strips(r, c, fold) if name == "embedding" else [(0, r, 0.0)]
+            here.append((name, r, c, axis, x, strips))
+            x += strips[-1][2] + c + (1.2 if name == "embedding" else 0.35) * unit
+        placed.append(here)
+        width = max(width, x)
+    tallest = max(min(r, fold) for _, r, _, _ in tiles)
+    ref = next(s for s in (10 ** e * m for e in range(8, -1, -1) for m in (5, 2, 1))
+               if s <= max(r for _, r, _, _ in block) * 0.75)
+    width += ref + 0.2 * unit
+    inches = min(9.6 / width, 1.9 / tallest)  # one scale for every panel; none too tall
+    label_h, title_h = 0.42 / inches, 0.3 / inches
+    panel = (tallest + label_h + title_h) * inches
+    return _LayoutScale(placed, width, tallest, fold, ref, inches, label_h, title_h, panel)
+
+
+def _draw_layout_matrix(ax, label: str, matrix: tuple, ranks: int) -> None:
+    """One matrix, strip by strip: each rank's part in its colour (grey: whole on every
+    rank), then each strip's outline."""
+    from matplotlib.patches import Rectangle
+
+    name, r, c, axis, x0, strips = matrix
+    for part, a, b, c0, c1 in _layout_pieces(r, c, axis, ranks):
+        colour = _WHOLE if part is None else _RANK_COLOURS[part % 8]
+        gid = f"{label}|{name}|" + ("whole" if part is None else f"rank {part}")
+        for s0, s1, sx in strips:
+            lo, hi = max(a, s0), min(b, s1)
+            if lo < hi:
+                ax.add_patch(Rectangle((x0 + sx + c0, -(hi - s0)), c1 - c0, hi - lo,
+                                       facecolor=colour, lw=0, gid=gid))
+    for s0, s1, sx in strips:
+        ax.add_patch(Rectangle((x0 + sx, -(s1 - s0)), c, s1 - s0, fill=False,
+                               edgecolor="black", lw=0.6, gid=f"{label}|{name}|outline"))
+
+
+def _label_layout_matrix(ax, m: int, here: list, matrix: tuple, s: _LayoutScale) -> None:
+    """A matrix's name under it; the embedding's, in the first panel, with its size (and,
+    cut into strips, how many and how many times the block's matrices' parameters)."""
+    name, r, c, _, x0, strips = matrix
+    span = strips[-1][2] + c
+    low = -min(r, s.fold) - 0.06 * s.label_h
+    if name != "embedding":
+        ax.text(x0 + span / 2, low, name, ha="center", va="top", fontsize=8)
+    elif m == 0 and len(strips) > 1:
+        others = sum(rr * cc for n, rr, cc, _, _, _ in here if n != "embedding")
+        ax.text(x0, low, f"embedding {r}x{c}, cut into {len(strips)} strips of "
+                f"{strips[0][1]} rows"
+                + (f":\n{r * c / others:.1f}x the parameters of the block's "
+                   f"{len(here) - 1} matrices together" if others else ""),
+                ha="left", va="top", fontsize=7.5)
+    else:
+        ax.text(x0 + span / 2, low, "embedding" + (f" {r}x{c}" if m == 0 else ""),
+                ha="center", va="top", fontsize=8)
+
+
+def _note_layout_block(ax, here: list, s: _LayoutScale) -> None:
+    """Under the block's matrices (first panel): their shapes, rows x columns, alike
+    shapes named together."""
+    shapes = {}
+    for name, r, c, _, _, _ in here:
+        if name != "embedding":
+            shapes.setdefault(f"{r}x{c}", []).append(name)
+    first = next((x0 for n, _, _, _, x0, _ in here if n != "embedding"), None)
+    if first is not None:
+        deepest = max(min(r, s.fold) for n, r, _, _, _, _ in here if n != "embedding")
+        ax.text(first, -deepest - 0.55 * s.label_h, "one block (rows x columns):\n" + "; ".join(
+            f"{', '.join(names)} {shape}" for shape, names in shapes.items()),
+            va="top", fontsize=7.5)
+
+
+def _draw_layout_scale(ax, s: _LayoutScale) -> None:
+    """The scale (first panel, right): a dashed square of ``ref`` x ``ref`` parameters."""
+    from matplotlib.patches import Rectangle
+
+    sx = s.width - s.ref
+    ax.add_patch(Rectangle((sx, -s.ref), s.ref, s.ref, fill=False, edgecolor="0.3",
+                           ls="--", lw=0.8, gid="scale", clip_on=False))
+    ax.text(s.width, -s.ref - 0.06 * s.label_h,
+            f"scale: {s.ref}x{s.ref}\n= {s.ref * s.ref:,} parameters",
+            ha="right", va="top", fontsize=7)
+
+
+def _draw_layout_panel(fig, m: int, label: str, here: list, s: _LayoutScale,
+                       ranks: int) -> None:
+    """Mode ``m``'s row of the figure, in its own axes (x and y on one scale): its label,
+    its matrices and their names; the first also the block's shapes and the scale."""
+    height = fig.get_figheight()
+    ax = fig.add_axes((0.2 / 10, (height - _LAYOUT_HEAD - (m + 1) * s.panel) / height,
+                       s.width * s.inches / 10, s.panel / height))
+    ax.set_xlim(0, s.width)
+    ax.set_ylim(-s.tallest - s.label_h, s.title_h)
+    ax.set_axis_off()
+    ax.text(0, s.title_h * 0.55, label, fontsize=10, fontweight="bold", va="center")
+    for matrix in here:
+        _draw_layout_matrix(ax, label, matrix, ranks)
+        _label_layout_matrix(ax, m, here, matrix, s)
+    if m == 0:
+        _note_layout_block(ax, here, s)
+        _draw_layout_scale(ax, s)
+
+
+def _draw_layout_header(fig, ranks: int) -> None:
+    """Above the panels: the title, how splits are cut, and the ranks' colours."""
+    from matplotlib.patches import Patch
+
+    height = fig.get_figheight()
+    handles = [Patch(color=_RANK_COLOURS[k % 8], label=f"rank {k}") for k in range(ranks)]
+    handles.append(Patch(color=_WHOLE, label="whole on every rank"))
+    fig.legend(handles=handles, loc="center left", ncol=ranks + 1, fontsize=8,
+               bbox_to_anchor=(0.01, 1 - 0.8 / height), frameon=False)
+    fig.text(0.02, 1 - 0.22 / height, "What each rank holds: the embedding and one block's "
+             "matrices, to scale (area = parameters)", fontsize=10.5, fontweight="bold",
+             va="center")
+    fig.text(0.02, 1 - 0.5 / height, "split by rows (axis 0, output features): cut top to "
+             "bottom; by columns (input features): left to right", fontsize=8, va="center")
 
 
 def plot_sharding_layout(layouts: dict[str, list[dict]], ranks: int = 2, out=None):
@@ -162,102 +330,12 @@ def plot_sharding_layout(layouts: dict[str, list[dict]], ranks: int = 2, out=Non
     or ``"LABEL|MATRIX|rank K"`` / ``"LABEL|MATRIX|whole"``. Returns the matplotlib
     ``Figure``; saves a PNG to ``out`` when given."""
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch, Rectangle
 
-    found = []  # per mode: [(name, rows, cols, axis)]
-    for rows in layouts.values():
-        by_suffix = {}
-        for r in rows:
-            for suffix, _ in _LAYOUT_TILES:
-                if r["path"].endswith(suffix) and len(r["whole"]) == 2:
-                    by_suffix.setdefault(suffix, r)
-        found.append([(name, *by_suffix[s]["whole"], by_suffix[s]["axis"])
-                      for s, name in _LAYOUT_TILES if s in by_suffix])
-    tiles = [t for mode in found for t in mode]
-    if not tiles:
-        raise ValueError("no embedding or block matrices in these layouts")
-    block = [t for t in tiles if t[0] != "embedding"] or tiles
-    unit = min(c for _, _, c, _ in block)  # the hidden size, for a llama
-    fold = 2 * max(r for _, r, _, _ in block)
-    # Where every matrix goes (x of its left edge; its strips), mode by mode.
-    placed, width = [], 0.0
-    for mode in found:
-        x, here = 0.0, []
-        for name, r, c, axis in mode:
-            strips = _layout_strips(r, c, fold) if name == "embedding" else [(0, r, 0.0)]
-            here.append((name, r, c, axis, x, strips))
-            x += strips[-1][2] + c + (1.2 if name == "embedding" else 0.35) * unit
-        placed.append(here)
-        width = max(width, x)
-    tallest = max(min(r, fold) for _, r, _, _ in tiles)
-    ref = next(s for s in (10 ** e * m for e in range(8, -1, -1) for m in (5, 2, 1))
-               if s <= max(r for _, r, _, _ in block) * 0.75)
-    width += ref + 0.2 * unit
-    inches = min(9.6 / width, 1.9 / tallest)  # one scale for every panel; none too tall
-    label_h, title_h = 0.42 / inches, 0.3 / inches
-    panel = (tallest + label_h + title_h) * inches
-    head = 1.05
-    fig = plt.figure(figsize=(10, head + panel * len(layouts)))
-    height = fig.get_figheight()
-    for m, (label, here) in enumerate(zip(layouts, placed)):
-        ax = fig.add_axes((0.2 / 10, (height - head - (m + 1) * panel) / height,
-                           width * inches / 10, panel / height))
-        ax.set_xlim(0, width)
-        ax.set_ylim(-tallest - label_h, title_h)
-        ax.set_axis_off()
-        ax.text(0, title_h * 0.55, label, fontsize=10, fontweight="bold", va="center")
-        for name, r, c, axis, x0, strips in here:
-            for part, a, b, c0, c1 in _layout_pieces(r, c, axis, ranks):
-                colour = _WHOLE if part is None else _RANK_COLOURS[part % 8]
-                gid = f"{label}|{name}|" + ("whole" if part is None else f"rank {part}")
-                for s0, s1, sx in strips:
-                    lo, hi = max(a, s0), min(b, s1)
-                    if lo < hi:
-                        ax.add_patch(Rectangle((x0 + sx + c0, -(hi - s0)), c1 - c0, hi - lo,
-                                               facecolor=colour, lw=0, gid=gid))
-            for s0, s1, sx in strips:
-                ax.add_patch(Rectangle((x0 + sx, -(s1 - s0)), c, s1 - s0, fill=False,
-                                       edgecolor="black", lw=0.6, gid=f"{label}|{name}|outline"))
-            span = strips[-1][2] + c
-            low = -min(r, fold) - 0.06 * label_h
-            if name != "embedding":
-                ax.text(x0 + span / 2, low, name, ha="center", va="top", fontsize=8)
-            elif m == 0 and len(strips) > 1:
-                others = sum(rr * cc for n, rr, cc, _, _, _ in here if n != "embedding")
-                ax.text(x0, low, f"embedding {r}x{c}, cut into {len(strips)} strips of "
-                        f"{strips[0][1]} rows"
-                        + (f":\n{r * c / others:.1f}x the parameters of the block's "
-                           f"{len(here) - 1} matrices together" if others else ""),
-                        ha="left", va="top", fontsize=7.5)
-            else:
-                ax.text(x0 + span / 2, low, "embedding" + (f" {r}x{c}" if m == 0 else ""),
-                        ha="center", va="top", fontsize=8)
-        shapes = {}
-        for name, r, c, _, _, _ in here:
-            if name != "embedding":
-                shapes.setdefault(f"{r}x{c}", []).append(name)
-        first = next((x0 for n, _, _, _, x0, _ in here if n != "embedding"), None)
-        if m == 0 and first is not None:
-            deepest = max(min(r, fold) for n, r, _, _, _, _ in here if n != "embedding")
-            ax.text(first, -deepest - 0.55 * label_h, "one block (rows x columns):\n" + "; ".join(
-                f"{', '.join(names)} {shape}" for shape, names in shapes.items()),
-                va="top", fontsize=7.5)
-        if m == 0:  # the scale: a square of ref x ref parameters
-            sx = width - ref
-            ax.add_patch(Rectangle((sx, -ref), ref, ref, fill=False, edgecolor="0.3",
-                                   ls="--", lw=0.8, gid="scale", clip_on=False))
-            ax.text(width, -ref - 0.06 * label_h,
-                    f"scale: {ref}x{ref}\n= {ref * ref:,} parameters",
-                    ha="right", va="top", fontsize=7)
-    handles = [Patch(color=_RANK_COLOURS[k % 8], label=f"rank {k}") for k in range(ranks)]
-    handles.append(Patch(color=_WHOLE, label="whole on every rank"))
-    fig.legend(handles=handles, loc="center left", ncol=ranks + 1, fontsize=8,
-               bbox_to_anchor=(0.01, 1 - 0.8 / height), frameon=False)
-    fig.text(0.02, 1 - 0.22 / height, "What each rank holds: the embedding and one block's "
-             "matrices, to scale (area = parameters)", fontsize=10.5, fontweight="bold",
-             va="center")
-    fig.text(0.02, 1 - 0.5 / height, "split by rows (axis 0, output features): cut top to "
-             "bottom; by columns (input features): left to right", fontsize=8, va="center")
+    s = _layout_scale(_layout_matrices(layouts))
+    fig = plt.figure(figsize=(10, _LAYOUT_HEAD + s.panel * len(layouts)))
+    for m, (label, here) in enumerate(zip(layouts, s.placed)):
+        _draw_layout_panel(fig, m, label, here, s, ranks)
+    _draw_layout_header(fig, ranks)
     if out is not None:
         fig.savefig(out, dpi=100)
         plt.close(fig)

@@ -40,7 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-DEFAULT_FILES = CHAPTERS + [
+EXERCISES = sorted((REPO / "notebooks" / "exercises").glob("[0-9][0-9]_*.ipynb"))
+DEFAULT_FILES = CHAPTERS + EXERCISES + [
     REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "notebooks" / "README.md",
     REPO / "docs" / "WORKSHOP.md"]
 
@@ -99,6 +100,7 @@ def strip_code(markdown: str) -> str:
     text = re.sub(r"https?://\S+", " ", text)
     text = re.sub(r"<[^>]+>", " ", text)
     text = re.sub(r"^\s*(\d+\.|[-*])\s+", " ", text, flags=re.M)
+    text = re.sub(r"^(#+\s*)\d+\.", r"\1", text, flags=re.M)      # "## 2. Section"
     text = re.sub(r"\b\d{4}-\d{2}-\d{2}\b", " ", text)           # dates
     text = re.sub(r"[\w\-]+/[\w\-]+#\d+", " ", text)            # owner/repo#123
     return text
