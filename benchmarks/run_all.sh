@@ -11,7 +11,7 @@ echo "== the scored loss's cross-entropy against mlx's"
 "$py" cross_entropy.py
 echo "== peer_comparison on the course's model"
 "$py" peer_comparison.py --model smollm2 --iters 10 --repeats 2
-for b in peer_comparison blas all_reduce ring_latency step_anatomy memory rank_metrics sharding; do
+for b in peer_comparison blas all_reduce ring_latency step_anatomy memory rank_metrics sharding exercise_checks; do
     echo "== $b"
     "$py" "$b.py"
 done
