@@ -42,10 +42,20 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: str | Path | None = None,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    if out is not None:  # whole or not at all (course_lib.atomic): WriteError on failure
+    return save(fig, out)
+
+
+def save(fig, out: str | Path | None, **savefig_options):
+    """Write ``fig`` to ``out`` (its format from the suffix, PNG without one) whole or not at
+    all (:class:`course_lib.atomic.WriteError` on failure), and close it in pyplot; nothing
+    when ``out`` is None. Returns ``fig``."""
+    if out is not None:
+        import matplotlib.pyplot as plt
+
         try:
             with atomic_write(out, "wb") as f:
-                fig.savefig(f, format=Path(out).suffix.lstrip(".") or "png", dpi=100)
+                fig.savefig(f, format=Path(out).suffix.lstrip(".") or "png", dpi=100,
+                            **savefig_options)
         finally:
             plt.close(fig)
     return fig
@@ -88,10 +98,7 @@ def plot_rank_times(records: list[dict], out: str | Path | None = None,
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    if out is not None:
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-    return fig
+    return save(fig, out)
 
 
 def plot_token_lengths(lengths: list[int], cutoff: int | None = None, ax=None,
@@ -336,7 +343,4 @@ def plot_sharding_layout(layouts: dict[str, list[dict]], ranks: int = 2, out=Non
     for m, (label, here) in enumerate(zip(layouts, s.placed)):
         _draw_layout_panel(fig, m, label, here, s, ranks)
     _draw_layout_header(fig, ranks)
-    if out is not None:
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-    return fig
+    return save(fig, out)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from course_lib import metrics
+from course_lib.fine_tune.outputs import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 SCALING_RUNS_ENV = "COURSE_CH5_RUNS"  # chapter 5 reads the runs in this folder when it is set
@@ -32,7 +33,7 @@ def scaling_runs(folder: str | Path | None = None,
     shown = folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder
     runs = {}
     for name, ranks in (("solo", "1 rank"), ("duo", "N > 1 ranks")):
-        summary = folder / name / "summary.json"
+        summary = folder / name / SUMMARY_FILE
         if not summary.is_file():
             raise FileNotFoundError(
                 f"{shown} has no finished run in {name}/ ({name}/summary.json, {ranks}): "

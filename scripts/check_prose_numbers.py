@@ -26,7 +26,7 @@ sentence states a run's numbers, the chapters print it from the values instead
 
 Exit status 0 when every number is found, 1 otherwise (each missing number printed with its
 file, cell and sentence), 2 on bad arguments. ``tests/test_prose_numbers.py`` runs it on the
-six chapters, the three READMEs and ``docs/WORKSHOP.md``.
+six chapters, their exercise notebooks, the three READMEs and ``docs/WORKSHOP.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXERCISES = sorted((REPO / "notebooks" / "exercises").glob("[0-9][0-9]_*.ipynb"))
-DEFAULT_FILES = CHAPTERS + EXERCISES + [
+DEFAULT_FILES = CHAPTERS + EXERCISES + [  # the chapters, their exercises, the Markdown
     REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "notebooks" / "README.md",
     REPO / "docs" / "WORKSHOP.md"]
 
@@ -54,10 +54,11 @@ APPROXIMATE = re.compile(r"(about|around|roughly|nearly|almost|over|under|some|~
                          r"at most|more than|less than|up to)\s*$", re.I)
 
 # The text's own numbers: (pattern around the number, why it needs no evidence). The pattern
-# is matched against the sentence with the number replaced by "#"; keep this list short.
+# is matched against the sentence with the number replaced by "#" ("Y#" for one that could be a
+# year); keep this list short.
 CONSTANTS: list[tuple[str, str]] = [
-    (r"(et al\.?,?\s*\(?|\(|\w,\s+)#[),:;]", "a citation's year (Amdahl (1967), Hu et al. 2021)"),
-    (r"et al\.?,?\s*\(?(19|20)\d\d\b",
+    (r"(et al\.?,?\s*\(?|\(|\w,\s+)Y#[),:;]", "a citation's year (Amdahl (1967), Hu et al. 2021)"),
+    (r"et al\.?,?\s*\(?((19|20)\d\d|Y#)(?!\d)",
      "a number the sentence attributes to a cited work (Goyal et al. (2017): 8,192 on 256 GPUs)"),
     (r"\b(macOS|Python|MPI|mlx|MLX|mlx-lm|mlx_lm|Debian|Ubuntu|Homebrew|bash|version|"
      r"llama-cpp-python|gguf|TensorBoard|nbval|JupyterLab) #", "a version"),
@@ -95,7 +96,7 @@ def strip_code(markdown: str) -> str:
     text = re.sub(r"<!-- reading times.*?<!-- end reading times -->", " ", text, flags=re.S)
     text = re.sub(r"```.*?```", " ", text, flags=re.S)
     text = re.sub(r"`[^`]*`", " ", text)
-    text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$", " ", text, flags=re.S)
+    text = re.sub(r"\$\$.*?\$\$|\$[^$\n]*\$", " ", text, flags=re.S)
     text = re.sub(r"\]\([^)]*\)", "]", text)
     text = re.sub(r"https?://\S+", " ", text)
     text = re.sub(r"<[^>]+>", " ", text)
@@ -121,8 +122,9 @@ def precision(number: str, before: str) -> float:
         return 0.5 * 10.0 ** -len(mantissa.split(".")[1]) * scale
     zeros = len(mantissa) - len(mantissa.rstrip("0")) if mantissa.strip("0") else 0
     if zeros and APPROXIMATE.search(before):
-        # "about 2,000", "about 4,900": to two significant digits.
-        return 0.5 * 10.0 ** max(0, len(mantissa) - 2) * scale
+        # "about 4,900": to its last non-zero digit; "about 2,000": to two significant
+        # digits at most (not +-500).
+        return 0.5 * 10.0 ** min(zeros, max(0, len(mantissa) - 2)) * scale
     return 0.5 * scale
 
 
@@ -132,7 +134,9 @@ def claims(markdown: str, where: str) -> list[Claim]:
     for sentence in sentences(strip_code(markdown)):
         for m in NUMBER.finditer(sentence):
             text = m.group(1)
-            marked = sentence[:m.start(1)] + "#" + sentence[m.end(1):]
+            # "#" stands for the number; "Y#" for one that could be a year (1900-2099).
+            token = "Y#" if re.fullmatch(r"(19|20)\d\d", text) else "#"
+            marked = sentence[:m.start(1)] + token + sentence[m.end(1):]
             if any(re.search(p, marked, re.I) for p, _ in CONSTANTS):
                 continue
             value = float(text.replace(",", ""))
@@ -259,14 +263,19 @@ def notebook_parts(path: Path) -> tuple[list[tuple[str, str]], str]:
 
 
 def markdown_parts(path: Path) -> tuple[list[tuple[str, str]], str]:
-    """A Markdown file's sections (where, text); its evidence is its own tables and code
-    blocks (printed output quoted in it) and the results files it names."""
+    """A Markdown file's sections (where, text), cut at its headings (not at a ``#`` line
+    inside a code block); its evidence is its own code blocks (printed output quoted in it)."""
     text = path.read_text()
-    parts, line = [], 1
-    for block in re.split(r"(?m)^(?=#{1,3} )", text):
-        name = path.relative_to(REPO) if path.is_relative_to(REPO) else path
-        parts.append((f"{name} line {line}", block))
-        line += block.count("\n")
+    name = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    parts, start, lines, fenced = [], 1, [], False
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and re.match(r"#{1,3} ", line) and lines:
+            parts.append((f"{name} line {start}", "".join(lines)))
+            start, lines = number, []
+        lines.append(line)
+    parts.append((f"{name} line {start}", "".join(lines)))
     quoted = "\n".join(re.findall(r"```.*?```", text, flags=re.S))
     return parts, quoted
 

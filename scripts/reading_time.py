@@ -3,8 +3,9 @@
     .venv/bin/python scripts/reading_time.py           # the table
     .venv/bin/python scripts/reading_time.py --write   # write each chapter's line and the table
 
-The words are those of the markdown cells (code, outputs and math not counted: a reader looks
-at them at their own pace). The run time is the wall time the stored outputs took: from the
+The words are those of the markdown cells (code cells, code blocks, outputs and math not
+counted: a reader looks at them at their own pace; inline code such as `mpirun` is read as
+words and counted). The run time is the wall time the stored outputs took: from the
 first cell's start to the last cell's end, as Jupyter records them in each cell's metadata
 (``metadata.execution``), so it is the time of the run whose outputs the chapter stores.
 

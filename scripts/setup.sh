@@ -36,7 +36,9 @@ as_root() {
 
 system_packages() {
     if [ "${COURSE_SKIP_SYSTEM:-0}" = 1 ]; then
-        say "system packages: skipped (COURSE_SKIP_SYSTEM=1)"; return
+        say "system packages: skipped (COURSE_SKIP_SYSTEM=1)"
+        [ "${COURSE_BROWSER:-0}" = 1 ] && say "browser: skipped too: the chapters' browser check runs only where chromium is installed"
+        return 0
     fi
     case "$(uname -s)" in
     Linux)
@@ -82,9 +84,9 @@ browser() {
     elif [ "$(id -u)" -ne 0 ] && ! sudo -n true >/dev/null 2>&1; then
         say "browser: chromium not installed and no root here: the chapters' browser check will skip"
     else
-        say "browser: installing chromium with apt-get (about 340 MB) for the chapters' browser check"
-        as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ||
+        say "browser: installing chromium with apt-get (a large download) for the chapters' browser check"
+        { as_root apt-get update -qq &&
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
             say "browser: chromium could not be installed: the chapters' browser check will skip"
     fi
 }

@@ -6,6 +6,7 @@ is not a function, a lambda, a rank that never finishes, a rank that raises, a w
 The learner's functions below live at module level: the check reads their source."""
 
 import importlib
+import subprocess
 import sys
 
 import mlx.core as mx
@@ -34,7 +35,7 @@ def test_verdict(ex, fn, message, passed):
     assert "Traceback" not in v.message
 
 
-def test_every_mistake_differs_from_the_solution_in_the_message_it_gets():
+def test_every_exercise_has_two_mistakes_or_more_each_with_its_own_message():
     for ex in (ch1.gradient, ch1.average):
         assert len(ex.mistakes) >= 2
         messages = [m for _, m in ex.mistakes]
@@ -137,6 +138,10 @@ def test_a_collective_on_one_rank_only_never_finishes():
     assert v.message.startswith("rank 0 never finished within 10 s"), v.message
     assert "all_sum" in v.message
     assert v.seconds < 30
+    # mpirun's ranks (each in a process group of its own) are gone with it.
+    left = subprocess.run(["pgrep", "-f", "course_lib.exercises.harness ch1.average"],
+                          capture_output=True, text=True).stdout.split()
+    assert left == [], f"ranks left running: {left}"
 
 
 @pytest.mark.distributed

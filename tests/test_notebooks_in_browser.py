@@ -38,16 +38,23 @@ def test_the_check_fails_on_a_widget_that_did_not_render(tmp_path):
     assert proc.returncode == 1 and "the page shows 'HBox(children='" in proc.stdout
 
 
-def test_the_check_fails_on_a_page_without_a_stored_figure():
-    """A page that shows another picture than the one the notebook stores (or none) fails:
-    the check compares the start of each stored PNG with the page's images."""
+def test_the_check_fails_on_a_page_without_a_stored_figure(tmp_path):
+    """A page that shows another picture than the one the notebook stores fails, even one of
+    the same size (whose PNG header is the same)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("check_in_browser", SCRIPT)
     checker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(checker)
-    want = {"plots": 1, "lines": [], "pictures": ["iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" + "A" * 20]}
+    import nbformat
+
+    header = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB"        # the same for every figure of one size
+    stored, stale = header + "Q" * 200, header + "R" * 200
+    cell = nbformat.v4.new_code_cell("plot()", execution_count=1, outputs=[nbformat.v4.new_output(
+        "display_data", data={"image/png": stored, "text/plain": "<Figure>"})])
+    notebook = tmp_path / "figure.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), notebook)
+    want = checker.expected(notebook)
     page = '<div class="jp-Notebook"><img src="data:image/png;base64,{}"></div>'
-    assert checker.check(page.format(want["pictures"][0] + "rest"), want) == []
-    assert checker.check(page.format("iVBORw0KGgoOTHER"), want) == [
-        "1 stored figure(s) not on the page"]
+    assert checker.check(page.format(stored), want) == []
+    assert checker.check(page.format(stale), want) == ["1 stored figure(s) not on the page"]

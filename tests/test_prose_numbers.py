@@ -65,6 +65,11 @@ def test_the_check_fails_on_a_chapter_with_one_number_changed(tmp_path):
     ("Two runs on 2 ranks, LoRA rank 8, chapter 4's 80/20 split.", "", True),  # constants
     ("Amdahl (1967) showed it.", "", True),                    # a citation's year
     ("The loss fell to 1.83.", "loss 1.9", False),
+    ("Losses 2.31, 2.05, 1.98 by step.", "2.31 1.98", False),   # a list's middle item is read
+    ("The loss (2.31) fell.", "", False),                       # a number in parentheses too
+    ("It trains about 4,950 tokens/s.", "4,910 tokens/s", False),  # to its last digit
+    ("A step of $t$ seconds\ntook 13.7 s on $n$ ranks.", "", False),  # math ends at its line
+    ("Hu et al. (2021) used rank 8 on 175B parameters.", "", True),  # a cited work's numbers
 ])
 def test_what_counts_as_carried(prose_text, evidence, ok):
     carried = prose.numbers_in(evidence)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from course_lib.exercises.core import Exercise
+from course_lib.traffic import ring_bytes_sent
 
 #: Each rank's array in the checks: rank 0 holds small numbers, rank 1 ten times larger, so
 #: that a sum, a mean, a chunk and a swapped order all give different answers.
@@ -17,9 +18,10 @@ def per_rank(rank, length):
     return mx.arange(1, length + 1, dtype=mx.float32) * SCALE[rank]
 
 
-def wire_bytes(n_bytes, ranks):
-    """Bytes each rank sends in a ring all-reduce of an ``n_bytes`` array: 2(N-1)/N of it."""
-    return 2 * (ranks - 1) * n_bytes // ranks
+def wire_bytes(op, n_bytes, ranks):
+    """Bytes each rank sends for ``op`` on an ``n_bytes`` array, with the ring algorithm
+    (:func:`course_lib.traffic.ring_bytes_sent`), as a whole number."""
+    return round(ring_bytes_sent(op, n_bytes, ranks))
 
 
 # 1. Reduce-scatter from all_sum ----------------------------------------------------------
@@ -82,9 +84,9 @@ def reduce_scatter_explain(got, want, args, rel):
     n, r = group.size(), group.rank()
     k = x.shape[0] // n
     return (f"rank {r} holds {want.tolist()}, elements {k * r} to {k * (r + 1) - 1} of the sum. "
-            f"Built from all_sum, each rank sent {wire_bytes(x.nbytes, n)} bytes (a ring "
-            f"all-reduce of the whole {x.nbytes}-byte x); a real ring reduce-scatter sends "
-            f"{(n - 1) * x.nbytes // n}, (N-1)/N of x")
+            f"Built from all_sum, each rank sent {wire_bytes('all_sum', x.nbytes, n)} bytes (a "
+            f"ring all-reduce of the whole {x.nbytes}-byte x); a real ring reduce-scatter sends "
+            f"{wire_bytes('sum_scatter', x.nbytes, n)}, (N-1)/N of x")
 
 
 reduce_scatter = Exercise(
@@ -154,9 +156,9 @@ def all_gather_explain(got, want, args, rel):
     x, group = args
     n = group.size()
     return (f"every rank holds {want.tolist()}, rank 0's x then rank 1's. Built from all_sum, "
-            f"each rank sent {wire_bytes(n * x.nbytes, n)} bytes (an all-reduce of the "
-            f"{n * x.nbytes}-byte buffer of N slots); a real ring all-gather sends "
-            f"{(n - 1) * x.nbytes}, its x to each other rank once")
+            f"each rank sent {wire_bytes('all_sum', n * x.nbytes, n)} bytes (an all-reduce of "
+            f"the {n * x.nbytes}-byte buffer of N slots); a real ring all-gather sends "
+            f"{wire_bytes('all_gather', x.nbytes, n)}, its x to each other rank once")
 
 
 all_gather = Exercise(
@@ -220,7 +222,8 @@ def broadcast_explain(got, want, args, rel):
     x, group, root = args
     n = group.size()
     return (f"every rank holds {want.tolist()}, rank {root}'s x. Built from all_sum, the "
-            f"ranks sent {n * wire_bytes(x.nbytes, n)} bytes in all (an all-reduce of the "
+            f"ranks sent {n * wire_bytes('all_sum', x.nbytes, n)} bytes in all (an all-reduce "
+            f"of the "
             f"{x.nbytes}-byte x); a real broadcast sends {(n - 1) * x.nbytes}, x once to each "
             f"other rank")
 

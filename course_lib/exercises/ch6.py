@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from course_lib.exercises.core import Exercise
+from course_lib.traffic import ring_bytes_sent
 
 # 1. ZeRO-1: the momentum sharded, on 2 ranks -------------------------------------------
 
@@ -366,9 +367,9 @@ def tensor_parallel_explain(got, want, args, rel):
     x_part, w_part, group = args
     n, b, d_out = group.size(), x_part.shape[0], w_part.shape[0]
     d_in = w_part.shape[1] * n
-    sent = 2 * (n - 1) / n * b * d_out * 4            # a ring all-reduce of b x d_out floats
-    gather = 2 * (n - 1) / n * d_out * d_in * 4       # FSDP's gather of W built from all_sum
-    all_gather = (n - 1) / n * d_out * d_in * 4       # a real all-gather of W
+    sent = ring_bytes_sent("all_sum", b * d_out * 4, n)          # the all_sum of y's parts
+    gather = ring_bytes_sent("all_sum", d_out * d_in * 4, n)     # FSDP's gather from all_sum
+    all_gather = ring_bytes_sent("all_gather", d_out * d_in * 4 / n, n)  # a real all-gather
     return (f"every rank holds y = x @ W.T; the all_sum carried b x d_out = {b} x {d_out} "
             f"floats, so each rank sent {sent:.0f} bytes (ring, {n} ranks), against "
             f"{gather:.0f} to gather the {d_out} x {d_in} W with all_sum as the FSDP "

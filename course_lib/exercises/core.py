@@ -63,7 +63,7 @@ class Exercise:
     size, group)`` builds the arguments of the learner's function on each rank (``group``
     is ``None`` at 1 rank); ``solution`` is the course's answer; ``mistakes`` the typical
     wrong answers, as functions, each with the message meant for it; ``explain(got, want,
-    args)`` says what is correct. Each function in ``solution``/``mistakes`` must be
+    args, rel)`` says what is correct (``rel``: the largest relative difference). Each function in ``solution``/``mistakes`` must be
     self-contained (it runs from its source, with :data:`HEADER`'s imports)."""
 
     name: str
@@ -149,14 +149,17 @@ def run_ranks(ex: Exercise, tmp: Path, fn_name: str, timeout: float) -> Verdict 
         except MPIError as e:
             return Verdict(False, f"cannot start {ex.ranks} ranks: {e}")
     env = child_env(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONHASHSEED="0")
+    from course_lib.mpi import _die_with_parent
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        stop(proc)
         return hung(ex, tmp, timeout)
+    except BaseException:       # Ctrl-C or a kernel interrupt: leave no rank behind
+        stop(proc)
+        raise
     missing = [r for r in range(ex.ranks) if not (tmp / f"rank{r}.json").exists()]
     if missing:
         errors = earliest_error(tmp, ex.ranks)
@@ -168,11 +171,29 @@ def run_ranks(ex: Exercise, tmp: Path, fn_name: str, timeout: float) -> Verdict 
     return None
 
 
+def stop(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """End a check's process and its ranks: SIGTERM to ``mpirun`` (which ends the ranks it
+    started, each in a process group of its own), SIGKILL to the group ``grace`` seconds
+    later if anything is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
 def earliest_error(tmp: Path, ranks: int) -> Verdict | None:
+    """The first rank's error message, skipping a file cut short by a rank ended mid-write."""
     for r in range(ranks):
         f = tmp / f"rank{r}.error.json"
-        if f.exists():
+        try:
             return Verdict(False, json.loads(f.read_text())["message"])
+        except (OSError, ValueError, KeyError):
+            continue
     return None
 
 

@@ -5,15 +5,15 @@
 Each rank builds the exercise's arguments, computes the course's solution and every typical
 wrong answer (all of them, on every rank, in the same order: they may call collectives), then
 the learner's function, and writes ``OUT_DIR/rank{r}.json``: ``{"passed": ..., "message":
-...}``. An exception in the learner's code is written to ``rank{r}.error.json`` with its line
-in the learner's function, and the rank exits 1 at once (``mpirun`` then ends the others,
-rather than leaving them waiting in a collective).
+...}``. An exception in the learner's code (or, said as such, in the check's own) is written
+to ``rank{r}.error.json`` with its line in the learner's function, and the rank exits 1 at
+once (``mpirun`` then ends the others, rather than leaving them waiting in a collective).
+Both files are written whole or not at all.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 import traceback
@@ -102,18 +102,42 @@ def learner_error(e: BaseException, learner: Path, header_lines: int) -> str:
     return text
 
 
+def write(path: Path, obj: dict) -> None:
+    """A rank's finding, written whole or not at all (a rank may be ended mid-write)."""
+    from course_lib.atomic import write_json
+    write_json(path, obj)
+
+
+def judge(ex, got, want, wrong, args) -> dict:
+    """``{"passed", "message"}`` for the learner's result ``got``."""
+    try:
+        ok, why, rel = compare(got, want, ex.rtol, ex.atol)
+    except (TypeError, ValueError) as e:
+        return {"passed": False, "message": f"your function returned {describe(got)}, which "
+                                            f"the check cannot compare with the answer ({e})"}
+    if ok:
+        return {"passed": True, "message": ex.explain(got, want, args, rel)}
+    mistake = next((message for w, message in wrong
+                    if compare(got, w, ex.rtol, ex.atol)[0]), None)
+    return {"passed": False, "message": mistake or why}
+
+
 def main(argv: list[str]) -> int:
     name, learner, fn_name, out = argv[0], Path(argv[1]), argv[2], Path(argv[3])
     ex = exercise(name)
-    group = None
-    rank, size = 0, 1
-    if ex.ranks > 1:
-        from course_lib.distributed import init_world
-        group, _ = init_world("mpi")
-        rank, size = group.rank(), group.size()
-    args = ex.make_args(rank, size, group)
-    want = as_numpy(ex.solution(*args))
-    wrong = [(as_numpy(m(*args)), message) for m, message in ex.mistakes]
+    rank = 0
+    try:
+        group, size = None, 1
+        if ex.ranks > 1:
+            from course_lib.distributed import init_world
+            group, _ = init_world("mpi")
+            rank, size = group.rank(), group.size()
+        args = ex.make_args(rank, size, group)
+        want = as_numpy(ex.solution(*args))
+        wrong = [(as_numpy(m(*args)), message) for m, message in ex.mistakes]
+    except Exception as e:  # the course's side: say so, in one line
+        fail(out, rank, ex, f"the check itself failed before running your function "
+                            f"({type(e).__name__}: {e}); please report it")
 
     from course_lib.exercises.core import HEADER
     namespace = {"__name__": "learner"}
@@ -123,19 +147,22 @@ def main(argv: list[str]) -> int:
     except BaseException as e:  # the learner's code: any exception is a message
         # The stub raises on every rank alike: which rank wrote first does not matter.
         where = f"rank {rank}: " if ex.ranks > 1 and not isinstance(e, NotImplementedError) else ""
-        (out / f"rank{rank}.error.json").write_text(json.dumps(
-            {"message": where + learner_error(e, learner, HEADER.count("\n") + 1)}))
-        sys.stdout.flush()
-        os._exit(1)
-    ok, why, rel = compare(got, want, ex.rtol, ex.atol)
-    if ok:
-        result = {"passed": True, "message": ex.explain(got, want, args, rel)}
-    else:
-        mistake = next((message for w, message in wrong
-                        if compare(got, w, ex.rtol, ex.atol)[0]), None)
-        result = {"passed": False, "message": mistake or why}
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
+        fail(out, rank, ex, where + learner_error(e, learner, HEADER.count("\n") + 1))
+    try:
+        result = judge(ex, got, want, wrong, args)
+    except Exception as e:
+        fail(out, rank, ex, f"the check itself failed on your result ({type(e).__name__}: "
+                            f"{e}); please report it")
+    write(out / f"rank{rank}.json", result)
     return 0
+
+
+def fail(out: Path, rank: int, ex, message: str):
+    """Write ``message`` as this rank's error and exit at once (``mpirun`` then ends the
+    other ranks rather than leaving them waiting in a collective)."""
+    write(out / f"rank{rank}.error.json", {"message": message})
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":
