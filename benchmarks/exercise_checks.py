@@ -37,7 +37,7 @@ def main() -> None:
     for ex in exercises():
         seconds = []
         for _ in range(args.repeats):
-            verdict = ex.verdict(ex.solution)
+            verdict = ex.verdict(ex.reference)
             if not verdict.passed:
                 raise SystemExit(f"{ex.name}: the solution did not pass: {verdict}")
             seconds.append(verdict.seconds)

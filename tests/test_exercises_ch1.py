@@ -23,7 +23,7 @@ def cases(ex):
     yield pytest.param(ex, ex.stub, "not done yet", False, id=f"{ex.name}-stub", marks=marks)
     for fn, message in ex.mistakes:
         yield pytest.param(ex, fn, message, False, id=f"{ex.name}-{fn.__name__}", marks=marks)
-    yield pytest.param(ex, ex.solution, "", True, id=f"{ex.name}-solution", marks=marks)
+    yield pytest.param(ex, ex.reference, "", True, id=f"{ex.name}-solution", marks=marks)
 
 
 @pytest.mark.parametrize("ex, fn, message, passed",
@@ -150,3 +150,20 @@ def test_an_exception_on_one_rank_names_the_rank():
     assert not v.passed
     assert v.message.startswith("rank 1: your function raised ValueError: rank 1 has no rows")
     assert "line 3 of your function" in v.message
+
+
+def test_solution_and_hint_print_for_every_exercise(capsys):
+    """``solution()`` prints the course's answer (its source), ``hint()`` a hint, for every
+    exercise of every chapter."""
+    from course_lib.exercises import Exercise
+
+    exercises = [value for chapter in ("ch1", "ch2", "ch3", "ch4", "ch5", "ch6")
+                 for value in vars(importlib.import_module(f"course_lib.exercises.{chapter}"))
+                 .values() if isinstance(value, Exercise)]
+    assert len({ex.name for ex in exercises}) >= 12
+    for ex in exercises:
+        ex.solution()
+        ex.hint()
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"def {ex.reference.__name__}("), ex.name
+        assert f"Hint ({ex.name}): " in printed

@@ -24,7 +24,7 @@ def test_each_mistake_gets_its_message(ex, fn, message):
 
 @pytest.mark.parametrize("ex", EXERCISES, ids=lambda ex: ex.name)
 def test_solution_passes(ex):
-    v = ex.verdict(ex.solution)
+    v = ex.verdict(ex.reference)
     assert v.passed, v.message
 
 

@@ -14,7 +14,7 @@ def cases():
     for ex in EXERCISES:
         marks = [pytest.mark.distributed] if ex.ranks > 1 else []
         yield pytest.param(ex, ex.stub, "not done yet", False, id=f"{ex.name}-stub", marks=marks)
-        yield pytest.param(ex, ex.solution, None, True, id=f"{ex.name}-solution", marks=marks)
+        yield pytest.param(ex, ex.reference, None, True, id=f"{ex.name}-solution", marks=marks)
         for fn, message in ex.mistakes:
             yield pytest.param(ex, fn, message, False, id=f"{ex.name}-{fn.__name__}",
                                marks=marks)

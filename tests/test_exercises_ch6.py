@@ -16,7 +16,7 @@ def cases(ex):
     yield pytest.param(ex, ex.stub, "not done yet", False, id=f"{ex.name}-stub", marks=marks)
     for fn, message in ex.mistakes:
         yield pytest.param(ex, fn, message, False, id=f"{ex.name}-{fn.__name__}", marks=marks)
-    yield pytest.param(ex, ex.solution, "", True, id=f"{ex.name}-solution", marks=marks)
+    yield pytest.param(ex, ex.reference, "", True, id=f"{ex.name}-solution", marks=marks)
 
 
 @pytest.mark.parametrize("ex, fn, message, passed", [

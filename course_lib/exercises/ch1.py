@@ -55,7 +55,7 @@ def gradient_explain(got, want, args, rel):
 
 gradient = Exercise(
     name="ch1.gradient", title="Logistic regression's gradient, by hand", ranks=1,
-    make_args=gradient_args, solution=gradient_solution, stub=my_gradient,
+    make_args=gradient_args, reference=gradient_solution, stub=my_gradient,
     explain=gradient_explain,
     hint_text=("the loss of one row is -(y log p + (1 - y) log(1 - p)); its derivative with "
                "respect to the logit z = x.w + b is p - y. Chain it: dw is the mean over rows "
@@ -117,7 +117,7 @@ def average_explain(got, want, args, rel):
 
 average = Exercise(
     name="ch1.average", title="Averaging gradients over shards of unequal size", ranks=2,
-    make_args=average_args, solution=average_solution, stub=my_average,
+    make_args=average_args, reference=average_solution, stub=my_average,
     explain=average_explain,
     hint_text=("a mean over all rows is (sum of every row's gradient) / (number of rows). "
                "local_grad * local_rows is this rank's sum; all_sum adds the ranks' sums, "

@@ -98,7 +98,7 @@ def split_explain(got, want, args, rel):
 
 split = Exercise(
     name="ch2.split", title="An 80/20 split that keeps each category's balance", ranks=1,
-    make_args=split_args, solution=split_solution, stub=my_split, explain=split_explain,
+    make_args=split_args, reference=split_solution, stub=my_split, explain=split_explain,
     hint_text=("keep a counter per category (a dict: category -> rows seen so far). Walk the "
                "rows in id order, add 1 to the row's category, and send the row to validation "
                "when that count is a multiple of 5, to training otherwise. Return "
@@ -185,7 +185,7 @@ def drop_long_explain(got, want, args, rel):
 
 drop_long = Exercise(
     name="ch2.drop_long", title="Drop long rows, don't cut them", ranks=1,
-    make_args=drop_long_args, solution=drop_long_solution, stub=my_keep_short,
+    make_args=drop_long_args, reference=drop_long_solution, stub=my_keep_short,
     explain=drop_long_explain,
     hint_text=("one list comprehension: keep r when count_tokens(r) <= max_tokens. A record "
                "of exactly max_tokens tokens fits. Return the records themselves, not their "

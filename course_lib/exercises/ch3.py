@@ -91,7 +91,7 @@ def reduce_scatter_explain(got, want, args, rel):
 
 reduce_scatter = Exercise(
     name="ch3.reduce_scatter", title="Reduce-scatter, built from all_sum", ranks=2,
-    make_args=reduce_scatter_args, solution=reduce_scatter_solution, stub=my_reduce_scatter,
+    make_args=reduce_scatter_args, reference=reduce_scatter_solution, stub=my_reduce_scatter,
     explain=reduce_scatter_explain,
     hint_text=("all_sum the whole x (every rank then holds the full sum), then keep your "
                "slice: k = x.shape[0] // group.size(), r = group.rank(), total[k * r:k * (r + 1)]."),
@@ -163,7 +163,7 @@ def all_gather_explain(got, want, args, rel):
 
 all_gather = Exercise(
     name="ch3.all_gather", title="All-gather, built from all_sum", ranks=2,
-    make_args=all_gather_args, solution=all_gather_solution, stub=my_all_gather,
+    make_args=all_gather_args, reference=all_gather_solution, stub=my_all_gather,
     explain=all_gather_explain,
     hint_text=("make a buffer of N slots of k elements, your x in slot group.rank() and zeros "
                "in the others (mx.concatenate of x and mx.zeros_like(x)); all_sum the buffers: "
@@ -230,7 +230,7 @@ def broadcast_explain(got, want, args, rel):
 
 broadcast = Exercise(
     name="ch3.broadcast", title="Broadcast, built from all_sum", ranks=2,
-    make_args=broadcast_args, solution=broadcast_solution, stub=my_broadcast,
+    make_args=broadcast_args, reference=broadcast_solution, stub=my_broadcast,
     explain=broadcast_explain,
     hint_text=("every rank calls all_sum; the root passes its x, every other rank passes "
                "zeros of the same shape (mx.zeros_like(x)), so the sum is the root's x. "

@@ -70,7 +70,7 @@ def token_explain(got, want, args, rel):
 token_average = Exercise(
     name="ch4.token_average", title="Token-weighted gradient averaging (the course's central "
     "line)", ranks=2,
-    make_args=token_args, solution=token_solution, stub=my_average_gradients,
+    make_args=token_args, reference=token_solution, stub=my_average_gradients,
     explain=token_explain,
     hint_text=("the loss is a mean over target tokens: (sum of every token's gradient) / "
                "(number of tokens). grad_sum is already this rank's sum; all_sum the sums, "
@@ -159,7 +159,7 @@ def forward_explain(got, want, args, rel):
 lora_forward = Exercise(
     name="ch4.lora_forward", title="A LoRA layer's forward pass, as mlx_lm computes it",
     ranks=1,
-    make_args=forward_args, solution=forward_solution, stub=my_lora_forward,
+    make_args=forward_args, reference=forward_solution, stub=my_lora_forward,
     explain=forward_explain,
     hint_text=("nn.Linear computes x @ W.T (W is stored d_out x d_in). mlx_lm stores A as "
                "(d_in, r) and B as (r, d_out), so the update needs no transposes: x goes "
@@ -227,7 +227,7 @@ def count_explain(got, want, args, rel):
 
 lora_parameters = Exercise(
     name="ch4.lora_parameters", title="How many parameters LoRA trains", ranks=1,
-    make_args=count_args, solution=count_solution, stub=my_lora_parameters,
+    make_args=count_args, reference=count_solution, stub=my_lora_parameters,
     explain=count_explain, rtol=0.0, atol=0.5,
     hint_text=("each adapted layer gets two matrices: A (d_in x r) and B (r x d_out); the "
                "frozen W (d_out x d_in) is not trained. Add their sizes, then count every "

@@ -124,7 +124,7 @@ def accumulate_explain(got, want, args, rel):
 accumulate = Exercise(
     name="ch5.accumulate", title="Gradient accumulation on 2 ranks equals the whole batch",
     ranks=2,
-    make_args=accumulate_args, solution=accumulate_solution, stub=my_accumulate,
+    make_args=accumulate_args, reference=accumulate_solution, stub=my_accumulate,
     explain=accumulate_explain,
     hint_text=("accumulation and ranks do the same thing: add token sums. Add every "
                "micro-batch's grad_sum and ntoks on this rank, all_sum both over the ranks "
@@ -194,7 +194,7 @@ def amdahl_explain(got, want, args, rel):
 
 amdahl = Exercise(
     name="ch5.amdahl", title="Amdahl's predicted speed-up from a step's anatomy", ranks=1,
-    make_args=amdahl_args, solution=amdahl_solution, stub=my_amdahl,
+    make_args=amdahl_args, reference=amdahl_solution, stub=my_amdahl,
     explain=amdahl_explain, rtol=1e-5,
     hint_text=("on n ranks the parallel seconds shrink to parallel_s / n and the serial "
                "seconds stay as they are; the speed-up is the old step time over the new."),
@@ -266,7 +266,7 @@ def ring_explain(got, want, args, rel):
 
 ring_cost = Exercise(
     name="ch5.ring_cost", title="The ring all-reduce's cost model", ranks=1,
-    make_args=ring_args, solution=ring_solution, stub=my_ring_seconds,
+    make_args=ring_args, reference=ring_solution, stub=my_ring_seconds,
     explain=ring_explain, rtol=1e-5,
     hint_text=("a ring all-reduce is a reduce-scatter then an all-gather: each passes "
                "(n-1)/n of the array through every machine in n-1 steps. Bytes become bits "

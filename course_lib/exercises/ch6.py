@@ -102,7 +102,7 @@ def zero1_explain(got, want, args, rel):
 
 zero1 = Exercise(
     name="ch6.zero1", title="ZeRO-1: a momentum step with the optimizer state sharded", ranks=2,
-    make_args=zero1_args, solution=zero1_solution, stub=my_zero1_step,
+    make_args=zero1_args, reference=zero1_solution, stub=my_zero1_step,
     explain=zero1_explain,
     hint_text=("k = params.shape[0] // group.size() and lo = group.rank() * k: your slice is "
                "[lo:lo + k]. Update m and params[lo:lo + k], write the updated slice into "
@@ -196,7 +196,7 @@ def memory_explain(got, want, args, rel):
 
 memory = Exercise(
     name="ch6.memory", title="Bytes per rank: data parallel, ZeRO-1, ZeRO-2, FSDP", ranks=1,
-    make_args=memory_args, solution=memory_solution, stub=my_bytes_per_rank,
+    make_args=memory_args, reference=memory_solution, stub=my_bytes_per_rank,
     explain=memory_explain,
     hint_text=("write the three terms, 4 * params (weights), 4 * params (gradients) and "
                "8 * params (Adam), and divide by n the ones each mode shards: ZeRO-1 Adam's, "
@@ -293,7 +293,7 @@ def fsdp_gather_explain(got, want, args, rel):
 
 fsdp_gather = Exercise(
     name="ch6.fsdp_gather", title="FSDP: gather a layer's weight just before it runs", ranks=2,
-    make_args=fsdp_gather_args, solution=fsdp_gather_solution, stub=my_fsdp_linear,
+    make_args=fsdp_gather_args, reference=fsdp_gather_solution, stub=my_fsdp_linear,
     explain=fsdp_gather_explain,
     hint_text=("k = w_shard.shape[0] and lo = group.rank() * k: your rows of W are [lo:lo + k]. "
                "Make mx.zeros((group.size() * k, w_shard.shape[1])), write your shard into "
@@ -380,7 +380,7 @@ def tensor_parallel_explain(got, want, args, rel):
 
 tensor_parallel = Exercise(
     name="ch6.tensor_parallel", title="Tensor parallelism: a row-parallel linear layer",
-    ranks=2, make_args=tensor_parallel_args, solution=tensor_parallel_solution,
+    ranks=2, make_args=tensor_parallel_args, reference=tensor_parallel_solution,
     stub=my_row_parallel_linear, explain=tensor_parallel_explain,
     hint_text=("x @ W.T sums over the input features, and each rank holds k of them: "
                "x_part @ w_part.T is that rank's share of the sum, already of shape "

@@ -61,16 +61,17 @@ class Exercise:
     ``name`` is ``"ch1.gradient"``-like (the module and the attribute learners call);
     ``ranks`` is 1 (run in one fresh process) or 2 (``mpirun -np 2``). ``make_args(rank,
     size, group)`` builds the arguments of the learner's function on each rank (``group``
-    is ``None`` at 1 rank); ``solution`` is the course's answer; ``mistakes`` the typical
-    wrong answers, as functions, each with the message meant for it; ``explain(got, want,
-    args, rel)`` says what is correct (``rel``: the largest relative difference). Each function in ``solution``/``mistakes`` must be
-    self-contained (it runs from its source, with :data:`HEADER`'s imports)."""
+    is ``None`` at 1 rank); ``reference`` is the course's answer (``solution()`` prints
+    it); ``mistakes`` the typical wrong answers, as functions, each with the message meant
+    for it; ``explain(got, want, args, rel)`` says what is correct (``rel``: the largest
+    relative difference). The reference and the mistakes run from this package on every
+    rank; only the learner's function runs from its source, with :data:`HEADER`'s imports."""
 
     name: str
     title: str
     ranks: int
     make_args: Callable
-    solution: Callable
+    reference: Callable
     stub: Callable
     hint_text: str
     explain: Callable
@@ -87,11 +88,9 @@ class Exercise:
     def hint(self) -> None:
         print(f"Hint ({self.name}): {self.hint_text}")
 
-    def solution_source(self) -> str:
-        return textwrap.dedent(inspect.getsource(self.solution))
-
-    def show_solution(self) -> None:
-        print(self.solution_source())
+    def solution(self) -> None:
+        """Print the course's solution (its source)."""
+        print(textwrap.dedent(inspect.getsource(self.reference)))
 
     # The check --------------------------------------------------------------------------
 

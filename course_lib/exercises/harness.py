@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
             group, _ = init_world("mpi")
             rank, size = group.rank(), group.size()
         args = ex.make_args(rank, size, group)
-        want = as_numpy(ex.solution(*args))
+        want = as_numpy(ex.reference(*args))
         wrong = [(as_numpy(m(*args)), message) for m, message in ex.mistakes]
     except Exception as e:  # the course's side: say so, in one line
         fail(out, rank, ex, f"the check itself failed before running your function "
